@@ -8,6 +8,7 @@ Results go back to the event loop once per step through asyncio queues.
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -337,10 +338,8 @@ class Engine:
             by_loop.setdefault(request._loop, []).append((request._queue, item))
         self._outbox = []
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that event loop has closed; nobody is listening
                 loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that event loop has closed; nobody is listening
-                pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Delta | Exception]]) -> None:
