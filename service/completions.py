@@ -142,7 +142,7 @@ async def stream_chunks(
 
 
 async def complete_unless_disconnected(
-    request: GenerationRequest, prepared: Prepared, is_disconnected, poll_s: float = 0.2
+    request: GenerationRequest, prepared: Prepared, is_disconnected, poll_s: float = 0.05
 ) -> ChatCompletion | None:
     """Wait for the whole answer, cancelling generation if the client goes away first."""
     task = asyncio.create_task(complete(request, prepared))

@@ -16,6 +16,14 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
     if state.ready:
-        return JSONResponse({"status": "ready", "production_adapter": state.adapters.production})
+        engine = state.engine
+        return JSONResponse(
+            {
+                "status": "ready",
+                "production_adapter": state.adapters.production,
+                "active_sequences": engine.active_sequences(),
+                "decode_steps": engine.steps,
+            }
+        )
     status = "failed" if state.error else "loading"
     return JSONResponse({"status": status, "error": state.error}, status_code=503)

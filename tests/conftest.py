@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random Llama with SmolLM2's real tokenizer, and LoRA adapters for it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from service.model import default_gguf_path
+from service.settings import Settings
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama saved as a model directory, with the default model's tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    gguf = default_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, b_std: float = 0.5, r: int = 8) -> Path:
+    """A LoRA adapter with random (non-zero) B, so it visibly changes the model's output."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=b_std)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "v1", seed=1)
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(base_model=tiny_model_dir, data_dir=tmp_path, dtype="float32", device="cpu", max_context=256)
