@@ -1,7 +1,10 @@
 """The `chatloop` command."""
 
 import argparse
+import asyncio
 import logging
+
+from redis.asyncio import Redis
 
 from service.settings import get_settings
 
@@ -19,14 +22,70 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
 
 
-def main(argv: list[str] | None = None) -> None:
+def with_redis(command):
+    """Run an async command with a Redis client from the settings."""
+
+    def run(args: argparse.Namespace) -> None:
+        async def main() -> None:
+            redis = Redis.from_url(get_settings().redis_url, decode_responses=True)
+            try:
+                await command(args, redis)
+            finally:
+                await redis.aclose()
+
+        asyncio.run(main())
+
+    return run
+
+
+@with_redis
+async def keys_create(args: argparse.Namespace, redis: Redis) -> None:
+    from service.auth import create_key
+
+    key, key_id = await create_key(redis, args.role, args.name)
+    print(f"created {args.role} key {key_id}; it is shown only once:\n{key}")
+
+
+@with_redis
+async def keys_list(args: argparse.Namespace, redis: Redis) -> None:
+    from service.auth import list_keys
+
+    for record in await list_keys(redis):
+        print(f"{record['id']}  {record['role']:<5}  {record['name']}")
+
+
+@with_redis
+async def keys_revoke(args: argparse.Namespace, redis: Redis) -> None:
+    from service.auth import revoke_key
+
+    if not await revoke_key(redis, args.key_id):
+        raise SystemExit(f"no key with id {args.key_id}")
+    print(f"revoked {args.key_id}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatloop", description="A chat assistant that learns from feedback.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     p = commands.add_parser("serve", help="start the OpenAI-compatible API")
     p.add_argument("--host", help="bind address (default: CHATLOOP_HOST)")
     p.add_argument("--port", type=int, help="port (default: CHATLOOP_PORT)")
     p.set_defaults(func=serve)
-    args = parser.parse_args(argv)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="create a key (printed once)")
+    p.add_argument("--role", choices=["user", "admin"], default="user")
+    p.add_argument("--name", default="", help="who the key is for")
+    p.set_defaults(func=keys_create)
+    keys.add_parser("list", help="list keys (ids, roles, names)").set_defaults(func=keys_list)
+    p = keys.add_parser("revoke", help="revoke a key by id")
+    p.add_argument("key_id")
+    p.set_defaults(func=keys_revoke)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 

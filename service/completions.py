@@ -4,12 +4,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from service.completion_log import LoggedChoice
 from service.engine import Engine, EngineError, GenerationRequest, SamplingParams
 from service.errors import APIError, error_body
 from service.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
@@ -24,15 +25,20 @@ class Prepared:
     created: int
     model: str
     adapter: str
+    messages: list[dict]  # as the chat template saw them
     prompt_ids: list[int]
     params: SamplingParams
     n: int
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest) -> list[int]:
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-    ]
+OnDone = Callable[[list[LoggedChoice]], Awaitable[None]]
+
+
+def normalise_messages(body: ChatCompletionRequest) -> list[dict]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except TemplateError as exc:
@@ -48,7 +54,8 @@ def prepare(
         raise APIError(400, f"n must be at most {settings.max_n}", "n")
     if len(body.stop) > settings.max_stop:
         raise APIError(400, f"at most {settings.max_stop} stop strings are allowed", "stop")
-    prompt_ids = render_prompt(tokenizer, body)
+    messages = normalise_messages(body)
+    prompt_ids = render_prompt(tokenizer, messages)
     room = max_context - len(prompt_ids)
     if room < 1:
         raise APIError(
@@ -67,7 +74,7 @@ def prepare(
     )
     return Prepared(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, adapter=adapter,
-        prompt_ids=prompt_ids, params=params, n=body.n,
+        messages=messages, prompt_ids=prompt_ids, params=params, n=body.n,
     )
 
 
@@ -80,7 +87,11 @@ def submit(engine: Engine, prepared: Prepared) -> GenerationRequest:
     )
 
 
-async def complete(request: GenerationRequest, prepared: Prepared) -> ChatCompletion:
+def logged_choices(texts: list[str], finish: list[str | None]) -> list[LoggedChoice]:
+    return [LoggedChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+
+
+async def complete(request: GenerationRequest, prepared: Prepared, on_done: OnDone) -> ChatCompletion:
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
     tokens = 0
@@ -92,6 +103,7 @@ async def complete(request: GenerationRequest, prepared: Prepared) -> ChatComple
                 tokens += delta.completion_tokens
     except EngineError as exc:
         raise APIError(500, f"generation failed: {exc}") from exc
+    await on_done(logged_choices(texts, finish))
     prompt = len(prepared.prompt_ids)
     return ChatCompletion(
         id=prepared.id, created=prepared.created, model=prepared.model, system_fingerprint=prepared.adapter,
@@ -108,7 +120,7 @@ def _sse(payload: dict | str) -> str:
 
 
 async def stream_chunks(
-    request: GenerationRequest, prepared: Prepared, include_usage: bool
+    request: GenerationRequest, prepared: Prepared, include_usage: bool, on_done: OnDone
 ) -> AsyncIterator[str]:
     """SSE lines: the role first, then content deltas, a finish_reason per choice, usage, [DONE]."""
     head = {
@@ -121,15 +133,21 @@ async def stream_chunks(
         return _sse({**head, "choices": [choice]})
 
     tokens = 0
+    texts = [""] * prepared.n
+    finish: list[str | None] = [None] * prepared.n
     try:
         for i in range(prepared.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for delta in request.stream():
             if delta.text:
+                texts[delta.index] += delta.text
                 yield chunk(delta.index, {"content": delta.text})
             if delta.finish_reason:
                 tokens += delta.completion_tokens
+                finish[delta.index] = delta.finish_reason
                 yield chunk(delta.index, {}, delta.finish_reason)
+        # Logged before [DONE]: a client that saw the end of the stream can rate the answer at once.
+        await on_done(logged_choices(texts, finish))
         if include_usage:
             prompt = len(prepared.prompt_ids)
             usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
@@ -142,10 +160,10 @@ async def stream_chunks(
 
 
 async def complete_unless_disconnected(
-    request: GenerationRequest, prepared: Prepared, is_disconnected, poll_s: float = 0.05
+    request: GenerationRequest, prepared: Prepared, on_done: OnDone, is_disconnected, poll_s: float = 0.05
 ) -> ChatCompletion | None:
     """Wait for the whole answer, cancelling generation if the client goes away first."""
-    task = asyncio.create_task(complete(request, prepared))
+    task = asyncio.create_task(complete(request, prepared, on_done))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=poll_s)

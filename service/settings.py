@@ -27,9 +27,22 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    redis_url: str | None = Field(
-        None, validation_alias=AliasChoices("CHATLOOP_REDIS_URL", "REDIS_URL"), description="Redis URL."
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("CHATLOOP_REDIS_URL", "REDIS_URL"),
+        description="Redis for the completion log, feedback, keys and (later) adapters.",
     )
+    completion_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long answers nobody rated are kept; rated ones are kept for good."
+    )
+    max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment.")
+
+    # Auth and limits
+    anonymous: Literal["loopback", "always", "never"] = Field(
+        "loopback", description="Who may chat and give feedback without an API key (admin routes never)."
+    )
+    chat_requests_per_minute: int = Field(60, ge=0, description="Per key (or client address); 0 = unlimited.")
+    feedback_requests_per_minute: int = Field(120, ge=0, description="Per key (or client address); 0 = unlimited.")
     production_adapter: str | None = Field(
         None, description="Adapter version served as model 'chatloop' (unset: the base model)."
     )

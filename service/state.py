@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from redis.asyncio import Redis
 
 from service.adapters import AdapterManager
 from service.engine import Engine
@@ -21,6 +22,7 @@ class AppState:
     engine: Engine | None = None
     adapters: AdapterManager | None = None
     error: str | None = None
+    redis: Redis | None = None
     _loading: asyncio.Task | None = field(default=None, repr=False)
 
     @property
@@ -29,6 +31,7 @@ class AppState:
 
     def start_loading(self) -> None:
         """Load the model in the background so /healthz answers while a first start converts weights."""
+        self.redis = Redis.from_url(self.settings.redis_url, decode_responses=True, health_check_interval=30)
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
@@ -53,3 +56,5 @@ class AppState:
             self._loading.cancel()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
+        if self.redis is not None:
+            await self.redis.aclose()

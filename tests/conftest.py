@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny random Llama with SmolLM2's real tokenizer, and LoRA adapters for it."""
 
+import os
 from pathlib import Path
 
 import pytest
+import redis
+import redis.asyncio
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -50,3 +53,25 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture
 def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
     return Settings(base_model=tiny_model_dir, data_dir=tmp_path, dtype="float32", device="cpu", max_context=256)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Tests use their own Redis database (15 unless REDIS_URL says otherwise), flushed per test."""
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture
+def redis_sync(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def aredis(redis_url):
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()

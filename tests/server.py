@@ -13,6 +13,15 @@ from pathlib import Path
 import httpx
 
 
+def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str, str]:
+    """Settings for a server on the tiny test model, with rate limits off unless a test sets them."""
+    return {
+        "CHATLOOP_BASE_MODEL": str(model_dir), "CHATLOOP_DATA_DIR": str(data_dir), "CHATLOOP_DTYPE": "float32",
+        "CHATLOOP_MAX_CONTEXT": "256", "CHATLOOP_REDIS_URL": redis_url,
+        "CHATLOOP_CHAT_REQUESTS_PER_MINUTE": "0", "CHATLOOP_FEEDBACK_REQUESTS_PER_MINUTE": "0",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,18 +9,17 @@ import httpx
 import openai
 import pytest
 
-from tests.server import running_server
+from tests.server import running_server, tiny_server_env
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
+def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory, redis_url):
     data = tmp_path_factory.mktemp("data")
     shutil.copytree(tiny_adapter_dir, data / "adapters" / "v1")
-    env = {
-        "CHATLOOP_BASE_MODEL": str(tiny_model_dir), "CHATLOOP_DATA_DIR": str(data), "CHATLOOP_DTYPE": "float32",
-        "CHATLOOP_PRODUCTION_ADAPTER": "v1", "CHATLOOP_MAX_CONTEXT": "256", "CHATLOOP_MAX_REQUEST_BYTES": "100000",
+    env = tiny_server_env(tiny_model_dir, data, redis_url) | {
+        "CHATLOOP_PRODUCTION_ADAPTER": "v1", "CHATLOOP_MAX_REQUEST_BYTES": "100000",
     }
     with running_server(env, data / "server.log") as url:
         yield url

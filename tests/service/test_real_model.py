@@ -33,9 +33,10 @@ def test_gguf_is_converted_once_to_clean_safetensors(data_dir):
     assert not list(path.parent.glob("*.tmp-*"))
 
 
-def test_smollm2_knows_the_capital_of_france(data_dir):
+def test_smollm2_knows_the_capital_of_france(data_dir, redis_url):
     resolve_base_model(Settings(data_dir=data_dir))
-    with running_server({"CHATLOOP_DATA_DIR": str(data_dir)}, data_dir / "server.log") as url:
+    env = {"CHATLOOP_DATA_DIR": str(data_dir), "CHATLOOP_REDIS_URL": redis_url}
+    with running_server(env, data_dir / "server.log") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         answer = client.chat.completions.create(
             model="chatloop", messages=[{"role": "user", "content": "What is the capital of France?"}],
