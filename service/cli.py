@@ -3,6 +3,8 @@
 import argparse
 import asyncio
 import logging
+from functools import partial
+from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -63,6 +65,33 @@ async def keys_revoke(args: argparse.Namespace, redis: Redis) -> None:
     print(f"revoked {args.key_id}")
 
 
+@with_redis
+async def feedback_export(args: argparse.Namespace, redis: Redis) -> None:
+    from tqdm import tqdm
+
+    from service.feedback_export import export_feedback
+
+    counts = await export_feedback(redis, args.out, args.kind, partial(tqdm, desc="export", unit="record"))
+    print(f"exported {counts['pairs']} pairs and {counts['thumbs']} thumbs to {args.out} "
+          f"({counts['votes']} current votes of {counts['events']} events)")
+
+
+@with_redis
+async def feedback_import(args: argparse.Namespace, redis: Redis) -> None:
+    from tqdm import tqdm
+
+    from service.feedback_export import MalformedFeedback, import_feedback
+
+    try:
+        counts = await import_feedback(
+            redis, args.path, get_settings().completion_ttl_s, partial(tqdm, desc="import", unit="record")
+        )
+    except MalformedFeedback as exc:
+        raise SystemExit(f"nothing imported: {exc}") from None
+    print(f"imported {counts['pairs']} pairs and {counts['thumbs']} thumbs from {args.path}: "
+          f"{counts['recorded']} recorded, {counts['replaced']} replaced, {counts['unchanged']} already there")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatloop", description="A chat assistant that learns from feedback.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("revoke", help="revoke a key by id")
     p.add_argument("key_id")
     p.set_defaults(func=keys_revoke)
+
+    feedback = commands.add_parser("feedback", help="feedback as training data").add_subparsers(
+        dest="feedback_command", required=True
+    )
+    p = feedback.add_parser("export", help="write the current votes as JSONL (TRL conversational pairs and thumbs)")
+    p.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    p.add_argument("--kind", choices=["all", "pairs", "thumbs"], default="all")
+    p.set_defaults(func=feedback_export)
+    p = feedback.add_parser("import", help="record the pairs and thumbs of a JSONL file as feedback")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=feedback_import)
     return parser
 
 

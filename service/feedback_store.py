@@ -29,7 +29,7 @@ local undo = redis.call('HGET', KEYS[1], 'counts')
 if undo then
   replaced = 1
   for field, delta in string.gmatch(undo, '([%w_]+)=(-?%d+)') do
-    redis.call('HINCRBY', KEYS[3], field, -tonumber(delta))
+    redis.call('HINCRBY', KEYS[3], field, 0 - tonumber(delta))
   end
 end
 for field, delta in string.gmatch(ARGV[3], '([%w_]+)=(-?%d+)') do
@@ -52,7 +52,7 @@ async def cast_vote(redis: Redis, event: FeedbackEvent) -> tuple[str, str]:
     """Record one vote atomically; returns (recorded|replaced|unchanged, stream event id)."""
     completions = sorted({redis_keys.completion(a.completion_id) for a in event.answers})
     keys = [redis_keys.vote(event.vote_key), redis_keys.EVENTS, redis_keys.STATS, *completions]
-    counts = " ".join(f"{field}={delta}" for field, delta in event.counts().items())
+    counts = " ".join(f"{field}={delta}" for field, delta in event.counts().items() if delta)
     status, event_id = await redis.eval(_CAST_VOTE, len(keys), *keys, event.fingerprint(), event.to_json(), counts)
     if status == -1:
         raise CompletionGone(event_id)

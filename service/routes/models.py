@@ -5,7 +5,7 @@ import time
 from fastapi import APIRouter
 
 from service.adapters import BASE_MODEL, PRODUCTION_MODEL
-from service.deps import ReadyDep
+from service.deps import CallerDep, ReadyDep
 from service.engine import BASE
 from service.schemas import ModelCard, ModelList
 
@@ -14,7 +14,7 @@ STARTED = int(time.time())
 
 
 @router.get("/models")
-async def list_models(state: ReadyDep) -> ModelList:
+async def list_models(state: ReadyDep, caller: CallerDep) -> ModelList:
     adapters = state.adapters
     cards = [
         ModelCard(id=PRODUCTION_MODEL, created=STARTED, adapter=adapters.production),
