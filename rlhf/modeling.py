@@ -1,0 +1,116 @@
+"""Models and token batches for training: the base in training precision, LoRA, chat tokenisation.
+
+Batches use the layout of OpenAI's lm-human-preferences and TRL: prompts left-padded to a common
+length P, answers right-padded to R, so answer token j of every row sits at column P + j and its
+logits at column P + j - 1.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules),
+            bias="none", task_type="CAUSAL_LM",
+        )
+
+
+def load_base(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model for training, dropout off (RLHF_NOTES: disable dropout everywhere), frozen."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int | None = None) -> list[int]:
+    """Answer tokens ending in EOS, as the policy would have produced them (truncated: no EOS)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor  # (B, R) 1 on answer tokens
+    prompt_len: int  # P
+    position_ids: torch.Tensor = field(init=False)  # (B, P + R)
+
+    def __post_init__(self) -> None:
+        self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, R)
+        return self.input_ids[:, self.prompt_len :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # (B,)
+        return self.response_mask.sum(-1)
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        moved = TokenBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_len
+        )
+        return moved
+
+    def select(self, rows: torch.Tensor) -> "TokenBatch":
+        return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_len)
+
+
+def build_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> TokenBatch:
+    p = max(len(x) for x in prompts)
+    r = max(1, max(len(x) for x in answers))
+    ids = torch.full((len(prompts), p + r), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    response_mask = torch.zeros((len(prompts), r), dtype=torch.long)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        ids[row, p - len(prompt) : p] = torch.tensor(prompt)
+        ids[row, p : p + len(answer)] = torch.tensor(answer, dtype=torch.long)
+        mask[row, p - len(prompt) : p + len(answer)] = 1
+        response_mask[row, : len(answer)] = 1
+    return TokenBatch(ids, mask, response_mask, p)
+
+
+def forward(model: torch.nn.Module, batch: TokenBatch, hidden: bool = False):
+    return model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        output_hidden_states=hidden, use_cache=False,
+    )
+
+
+def response_logits(logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predicted each answer token, scaled by the sampling temperature. (B, R, V)"""
+    r = batch.response_mask.shape[1]
+    return logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + r].float() / temperature
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under logits. logits (B, R, V), tokens (B, R) -> (B, R)"""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def last_token_index(batch: TokenBatch) -> torch.Tensor:
+    """Column of each row's last real token (the end of its answer). (B,)"""
+    return batch.prompt_len + batch.response_lengths - 1
