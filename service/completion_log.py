@@ -34,11 +34,21 @@ class CompletionRecord(BaseModel):
         return cls(messages=messages, conversation=conversation_hash(messages), **fields)
 
 
-async def log_completion(redis: Redis, record: CompletionRecord, ttl_s: int) -> None:
-    async with redis.pipeline(transaction=True) as tx:
-        tx.set(redis_keys.completion(record.id), record.model_dump_json(), ex=ttl_s)
-        tx.hincrby(redis_keys.STATS, "completions", 1)
-        await tx.execute()
+# Write-once: logging the same completion again (an import run twice) neither counts it twice nor puts
+# an expiry back on a completion a vote has made permanent.
+_LOG_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('HINCRBY', KEYS[2], 'completions', 1)
+  return 1
+end
+return 0
+"""
+
+
+async def log_completion(redis: Redis, record: CompletionRecord, ttl_s: int) -> bool:
+    """Store a completion unless one with its id exists; True if it was new."""
+    keys = [redis_keys.completion(record.id), redis_keys.STATS]
+    return bool(await redis.eval(_LOG_ONCE, len(keys), *keys, record.model_dump_json(), ttl_s))
 
 
 async def get_completion(redis: Redis, completion_id: str) -> CompletionRecord | None:

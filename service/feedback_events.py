@@ -4,7 +4,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from service.rankings import preferred_to_pairs, ranking_to_pairs
 
@@ -30,6 +30,15 @@ class FeedbackEvent(BaseModel):
     verdict: Literal["tie", "both_bad"] | None = None  # comparisons with no winner
     comment: str | None = None
     source: str = "api"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FeedbackEvent":
+        if self.kind == "thumb":
+            if self.rating is None or len(self.answers) != 1:
+                raise ValueError("a thumb rates exactly one answer")
+        elif sum(x is not None for x in (self.ranking, self.preferred, self.verdict)) != 1:
+            raise ValueError("a comparison has exactly one of ranking, preferred or verdict")
+        return self
 
     @property
     def vote_key(self) -> str:

@@ -20,8 +20,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from redis.asyncio import Redis
 
-from service import feedback_store, redis_keys
-from service.completion_log import CompletionRecord, LoggedChoice
+from service import feedback_store
+from service.completion_log import CompletionRecord, LoggedChoice, log_completion
 from service.feedback_events import AnswerRef, FeedbackEvent
 
 Kind = Literal["all", "pairs", "thumbs"]
@@ -191,24 +191,17 @@ def synthetic_vote(
         messages, id=completion_id, created=created, model=IMPORTED, adapter=IMPORTED, params={}, owner=IMPORTED,
         choices=[LoggedChoice(index=i, text=text, finish_reason=None) for i, text in enumerate(texts)],
     )
-    answers = [AnswerRef(completion_id=completion_id, choice_index=i, text=t, adapter=IMPORTED) for i, t in
-               enumerate(texts)]
-    verdict = {"kind": "comparison", "preferred": 0} if isinstance(record, PairRecord) else {
-        "kind": "thumb", "rating": 1 if record.label else -1}
+    answers = [AnswerRef(completion_id=completion_id, choice_index=i, text=t, adapter=IMPORTED)
+               for i, t in enumerate(texts)]
+    if isinstance(record, PairRecord):
+        verdict: dict = {"kind": "comparison", "preferred": 0}
+    else:
+        verdict = {"kind": "thumb", "rating": 1 if record.label else -1}
     event = FeedbackEvent(
         created=created, voter=voter, prompt=messages, conversation=completion.conversation, answers=answers,
         source=IMPORTED, **verdict,
     )
     return completion, event
-
-
-# Unlike log_completion, idempotent: importing a file twice must neither count its completions twice nor put an
-# expiry back on a completion its vote has already made permanent.
-_LOG_ONCE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HINCRBY', KEYS[2], 'completions', 1)
-end
-"""
 
 
 async def import_feedback(redis: Redis, path: Path, ttl_s: int, progress: Progress = iter) -> dict[str, int]:
@@ -219,8 +212,7 @@ async def import_feedback(redis: Redis, path: Path, ttl_s: int, progress: Progre
     counts = dict.fromkeys(["pairs", "thumbs", *feedback_store.RESULTS.values()], 0)
     for completion_id, record in progress(records):
         completion, event = synthetic_vote(completion_id, record, voter, now)
-        keys = [redis_keys.completion(completion.id), redis_keys.STATS]
-        await redis.eval(_LOG_ONCE, len(keys), *keys, completion.model_dump_json(), ttl_s)
+        await log_completion(redis, completion, ttl_s)
         status, _ = await feedback_store.cast_vote(redis, event)
         counts["pairs" if isinstance(record, PairRecord) else "thumbs"] += 1
         counts[status] += 1

