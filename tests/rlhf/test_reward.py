@@ -1,0 +1,191 @@
+"""Reward model: losses against hand-computed values, calibration, save/load, and learning a
+synthetic preference (answers mentioning " banana") on the tiny random model."""
+
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.data import Pair, Thumb, build_datasets
+from rlhf.modeling import LoraSettings, load_base
+from rlhf.reward import (
+    META_FILE,
+    WEIGHTS_FILE,
+    RewardConfig,
+    RewardModel,
+    bradley_terry_loss,
+    pointwise_loss,
+    train_reward_model,
+)
+
+FILLER = [
+    "apple", "river", "stone", "cloud", "green", "quiet", "table", "window", "garden", "yellow", "paper", "music",
+    "winter", "bright", "simple", "silver", "mountain", "forest", "candle", "morning", "coffee", "friendly", "ocean",
+    "purple", "market", "pencil", "travel", "summer", "little", "rabbit", "orange", "planet", "soft", "gentle",
+    "thunder", "kitchen", "carpet", "lamp", "bottle",
+]
+TOPICS = ["rivers", "clocks", "bridges", "gardens", "trains", "maps", "songs", "tools", "birds", "rooms"]
+# Short answers and a small LoRA with a large learning rate keep these tests fast on two cores.
+FAST = RewardConfig(lr=3e-3, epochs=3, batch_size=16, max_answer_tokens=16, lora=LoraSettings(r=8, alpha=16))
+
+
+def prompt(rng: random.Random, i: int) -> list[dict]:
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"About {rng.choice(TOPICS)} {i}?"}]
+
+
+def filler(rng: random.Random) -> list[str]:
+    return rng.sample(FILLER, rng.randint(2, 5))
+
+
+def banana_pairs(n: int, seed: int = 0) -> list[Pair]:
+    """Chosen = random filler with " banana" inserted; rejected = the same with another word there (same length)."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        words, at = filler(rng), rng.randint(0, 2)
+        chosen = " ".join([*words[:at], "banana", *words[at:]])
+        rejected = " ".join([*words[:at], rng.choice(FILLER), *words[at:]])
+        pairs.append(Pair(prompt(rng, i), chosen, rejected))
+    return pairs
+
+
+def banana_thumbs(n: int, seed: int = 1) -> list[Thumb]:
+    rng = random.Random(seed)
+    thumbs = []
+    for i in range(n):
+        words, up = filler(rng), i % 2 == 0
+        if up:
+            words.insert(rng.randint(0, len(words)), "banana")
+        thumbs.append(Thumb(prompt(rng, i), " ".join(words), up))
+    return thumbs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads, and beside another busy process on two
+    cores OpenMP threads spin against it: this file took 106 s with two threads, 9.5 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def base(tiny_model_dir: Path):
+    """A fresh base per test: the reward model injects its LoRA into the base in place."""
+    return load_base(tiny_model_dir)[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    return load_base(tiny_model_dir)[1]
+
+
+def test_bradley_terry_loss_by_hand():
+    assert bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(0.126928, abs=1e-6)
+    # Equal scores: log 2. Mean over pairs: (log(1 + e^-2) + log(1 + e^2)) / 2.
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(math.log(2))
+    both = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])).item()
+    assert both == pytest.approx((math.log1p(math.exp(-2)) + math.log1p(math.exp(2))) / 2)
+    # Stable for huge margins: finite on the wrong side, not log(0) = -inf.
+    assert bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([0.0])).item() == pytest.approx(200.0)
+    assert bradley_terry_loss(torch.tensor([200.0]), torch.tensor([0.0])).item() == pytest.approx(0.0, abs=1e-30)
+
+
+def test_pointwise_loss_by_hand():
+    assert pointwise_loss(torch.tensor([0.0]), torch.tensor([True])).item() == pytest.approx(math.log(2))
+    assert pointwise_loss(torch.tensor([2.0]), torch.tensor([1.0])).item() == pytest.approx(0.126928, abs=1e-6)
+    assert pointwise_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(2.126928, abs=1e-6)
+    mixed = pointwise_loss(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])).item()
+    assert mixed == pytest.approx((0.126928 + 2.126928) / 2, abs=1e-6)
+
+
+def test_calibrate_gives_mean_zero_std_one(base, tokenizer):
+    model = RewardModel(base, FAST)
+    pairs = banana_pairs(12)
+    prompts, answers = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    raw = model.raw_scores(tokenizer, prompts, answers)
+    assert raw.shape == (12,) and raw.std() > 0
+    model.calibrate(raw)
+    scores = model.score_texts(tokenizer, prompts, answers)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError):
+        model.calibrate(torch.tensor([0.5, 0.5]))
+
+
+def test_score_ignores_padding(base, tokenizer):
+    """A row scores the same alone as beside longer prompts and answers (left- and right-padded)."""
+    model = RewardModel(base, FAST)
+    short = [{"role": "user", "content": "Hi?"}]
+    long = [{"role": "user", "content": "A much longer question about rivers, bridges and clocks?"}]
+    alone = model.raw_scores(tokenizer, [short], ["yes"])
+    padded = model.raw_scores(tokenizer, [short, long], ["yes", "a far longer answer than the first one"])
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip(base, tokenizer, tiny_model_dir, tmp_path):
+    data = build_datasets([*banana_pairs(24), *banana_thumbs(8)], heldout_fraction=0.0)
+    config = replace(FAST, epochs=1)
+    model, metrics = train_reward_model(base, tokenizer, data, config)
+    pairs = banana_pairs(6, seed=5)
+    prompts, answers = [p.prompt for p in pairs], [p.rejected for p in pairs]
+    before = model.score_texts(tokenizer, prompts, answers)
+
+    out = model.save(tmp_path / "rm-v1", {"metrics": metrics})
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS_FILE, META_FILE])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    tensors = load_file(out / WEIGHTS_FILE)  # safetensors, not pickle
+    assert "head.weight" in tensors and any("lora_A" in k for k in tensors)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["base_model"] == str(tiny_model_dir)
+    assert meta["config"]["lora"]["r"] == 8 and meta["calibration"] == model.calibration
+    assert meta["metadata"]["metrics"]["reward/train_pairs"] == 24 and meta["created_at"]
+    with pytest.raises(FileExistsError):
+        model.save(out)
+
+    loaded = RewardModel.load(out, load_base(tiny_model_dir)[0])
+    assert torch.equal(loaded.score_texts(tokenizer, prompts, answers), before)
+    assert loaded.config == config
+
+
+def test_training_is_deterministic(tiny_model_dir):
+    data = build_datasets(banana_pairs(16), heldout_fraction=0.0)
+    config = replace(FAST, epochs=1, batch_size=8)
+    calls = []
+    runs = []
+    for _ in range(2):
+        base, tokenizer = load_base(tiny_model_dir)
+        model, _ = train_reward_model(base, tokenizer, data, config, progress=lambda *a: calls.append(a[:2]))
+        runs.append(model.raw_scores(tokenizer, [p.prompt for p in data.pairs], [p.chosen for p in data.pairs]))
+    assert torch.equal(runs[0], runs[1])
+    assert calls == [(1, 2), (2, 2)] * 2
+
+
+def test_learns_synthetic_preference(base, tokenizer):
+    data = build_datasets(banana_pairs(300), heldout_fraction=0.2)
+    assert len(data.heldout_pairs) >= 40
+    _, metrics = train_reward_model(base, tokenizer, data, FAST)
+    assert metrics["reward/heldout_accuracy"] >= 0.9
+    assert metrics["reward/heldout_pairs"] == len(data.heldout_pairs)
+    # Chosen and rejected have the same number of words: length alone cannot explain the accuracy.
+    assert metrics["reward/baseline_longer_wins_accuracy"] < 0.7
+    assert metrics["reward/heldout_loss"] < metrics["reward/train_loss"] + 0.3
+
+
+def test_thumbs_alone_train_the_right_sign(base, tokenizer):
+    data = build_datasets(banana_thumbs(300), heldout_fraction=0.2)
+    assert not data.pairs and data.heldout_thumbs
+    model, metrics = train_reward_model(base, tokenizer, data, FAST)
+    assert metrics["reward/heldout_thumbs_accuracy"] >= 0.8
+    assert "reward/heldout_accuracy" not in metrics
+    up = [t for t in data.heldout_thumbs if t.label]
+    down = [t for t in data.heldout_thumbs if not t.label]
+    raw_up = model.raw_scores(tokenizer, [t.prompt for t in up], [t.answer for t in up])
+    raw_down = model.raw_scores(tokenizer, [t.prompt for t in down], [t.answer for t in down])
+    assert raw_up.mean() > 0 > raw_down.mean()
