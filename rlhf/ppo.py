@@ -1,0 +1,269 @@
+"""PPO on a LoRA adapter against a reward function, with a KL penalty to the adapter-disabled base.
+
+One step is lm-human-preferences' pipeline: `rollouts = sample(prompts)`, `scores = score(rollouts)`,
+`rewards = compute_rewards(scores, logprobs, ref_logprobs)`, `stats = train_minibatches(...)`.
+The policy is the base wrapped in a peft LoRA adapter; the reference is the same model under
+`disable_adapter()` (one copy of the weights); the value head is a Linear on the policy's last hidden
+states (shared trunk). Every logprob used for the ratio and the KL is recomputed here, in the
+trainer's own precision, with logits divided by the sampling temperature (RLHF_NOTES.md).
+"""
+
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.data import Messages
+from rlhf.modeling import LoraSettings, TokenBatch, build_batch, encode_prompt, token_logprobs
+from rlhf.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_rewards,
+    entropy_from_logits,
+    gae,
+    kl_k3,
+    masked_var,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+
+# (prompt conversations, answer texts, answer token ids incl. EOS if produced) -> one score per answer (B,)
+RewardFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor]
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = 16  # answers per rollout batch (one per prompt)
+    minibatch_size: int = 4
+    ppo_epochs: int = 4
+    lr: float = 1e-4
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # sampling temperature; training logprobs use logits / the same value
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    init_kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per answer (lm-human-preferences)
+    kl_horizon: int = 10000  # in answers
+    missing_eos_penalty: float | None = -1.0  # score of an answer cut off at max_new_tokens; None keeps the RM's
+    whiten_rewards: bool = False
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)  # for a fresh adapter; a loaded one keeps its own
+
+
+@dataclass
+class Rollouts:
+    prompts: list[Messages]
+    answer_texts: list[str]
+    answer_ids: list[list[int]]
+    batch: TokenBatch
+    has_eos: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor  # (B, R) policy at sampling time ("old")
+    ref_logprobs: torch.Tensor  # (B, R) adapter disabled
+    values: torch.Tensor  # (B, R)
+    entropy: torch.Tensor  # (B, R) of the policy's (tempered) next-token distribution
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        # The N Implementation Details: head weights ~ N(0, 1/sqrt(d + 1)), bias 0
+        torch.nn.init.normal_(self.linear.weight, std=1 / (hidden_size + 1) ** 0.5)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, R, H) -> (B, R)
+        return self.linear(hidden).squeeze(-1)
+
+
+def forward_answers(
+    model: torch.nn.Module, batch: TokenBatch, temperature: float, value_head: ValueHead | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tempered logits that predicted each answer token (B, R, V) and the values of those states (B, R).
+
+    Only the last R + 1 positions get logits: a (B, P + R, V) tensor over prompts is wasted memory.
+    """
+    r = batch.response_mask.shape[1]
+    out = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        output_hidden_states=value_head is not None, use_cache=False, logits_to_keep=r + 1,
+    )
+    logits = out.logits[:, :-1].float() / temperature  # (B, R, V)
+    values = None if value_head is None else value_head(out.hidden_states[-1][:, batch.prompt_len - 1 : -1].float())
+    return logits, values
+
+
+class PPOTrainer:
+    def __init__(
+        self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn,
+        config: PPOConfig, init_adapter_dir: Path | None = None,
+    ) -> None:
+        """Wraps base_model in place with the trainable adapter: a copy of init_adapter_dir's, or a fresh one."""
+        torch.manual_seed(config.seed)
+        self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
+        if init_adapter_dir is not None:
+            self.policy = PeftModel.from_pretrained(base_model, init_adapter_dir, is_trainable=True)
+        else:
+            self.policy = get_peft_model(base_model, config.lora.peft_config())
+        self.policy.eval()  # dropout off in rollouts and updates alike; eval mode still lets gradients through
+        self.device = base_model.device
+        self.value_head = ValueHead(base_model.config.hidden_size).to(self.device)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, eps=1e-5)
+        if config.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(config.init_kl_coef)
+        self.eos_ids = {tokenizer.eos_token_id}
+        gen_eos = base_model.generation_config.eos_token_id
+        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+        self.rng = random.Random(config.seed)
+
+    def train(
+        self, prompt_pool: list[Messages], iterations: int, progress: Callable[[int, dict], None] | None = None
+    ) -> list[dict[str, float]]:
+        """`iterations` PPO steps on prompts drawn from the pool; progress(iteration, stats) after each."""
+        history = []
+        for iteration in range(1, iterations + 1):
+            k = self.config.batch_size
+            prompts = self.rng.sample(prompt_pool, k) if len(prompt_pool) >= k else self.rng.choices(prompt_pool, k=k)
+            history.append(self.step(prompts))
+            if progress is not None:
+                progress(iteration, history[-1])
+        return history
+
+    def step(self, prompts: list[Messages]) -> dict[str, float]:
+        """One PPO iteration on one answer per prompt; returns the iteration's stats."""
+        c = self.config
+        start = time.perf_counter()
+        rollouts = self.sample(prompts)
+        raw_scores, scores = self.score(rollouts)
+        mask = rollouts.batch.response_mask
+        rewards, kl = compute_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value)
+        if c.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam)
+        advantages = whiten(advantages, mask)
+        rollout_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        stats = self.train_minibatches(rollouts, advantages, returns)
+        update_s = time.perf_counter() - start
+
+        mean_kl = kl.sum(-1).mean().item()
+        lengths = mask.sum(-1).float()
+        stats |= {
+            "objective/score": scores.mean().item(),
+            "objective/raw_score": raw_scores.mean().item(),
+            "objective/kl": mean_kl,
+            "objective/kl_k3": kl_k3(rollouts.logprobs, rollouts.ref_logprobs, mask).mean().item(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": (rollouts.entropy * mask).sum(-1).mean().item(),  # nats per answer
+            "ppo/val/explained_variance": explained_variance(rollouts.values, returns, mask),
+            "ppo/mean_length": lengths.mean().item(),
+            "ppo/eos_fraction": rollouts.has_eos.float().mean().item(),
+            "time/rollout_s": rollout_s,
+            "time/update_s": update_s,
+        }
+        self.kl_ctl.update(mean_kl, len(prompts))
+        return stats
+
+    @torch.no_grad()
+    def sample(self, prompts: list[Messages]) -> Rollouts:
+        """Sample one answer per prompt, then recompute logprobs, values and reference logprobs."""
+        c, pad_id = self.config, self.tokenizer.pad_token_id
+        prompt_ids = [encode_prompt(self.tokenizer, messages) for messages in prompts]
+        inputs = self.tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt")
+        output = self.policy.generate(
+            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device),
+            do_sample=True, temperature=c.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+            max_new_tokens=c.max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(self.eos_ids),
+        )
+        answer_ids = [cut_at_eos(row.tolist(), self.eos_ids) for row in output[:, inputs["input_ids"].shape[1] :]]
+        batch = build_batch(prompt_ids, answer_ids, pad_id).to(self.device)
+        logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head)
+        with self.policy.disable_adapter():
+            ref_logits, _ = forward_answers(self.policy, batch, c.temperature)
+        return Rollouts(
+            prompts=prompts,
+            answer_texts=[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids],
+            answer_ids=answer_ids,
+            batch=batch,
+            has_eos=torch.tensor([ids[-1] in self.eos_ids for ids in answer_ids], device=self.device),
+            logprobs=token_logprobs(logits, batch.responses),
+            ref_logprobs=token_logprobs(ref_logits, batch.responses),
+            values=values,
+            entropy=entropy_from_logits(logits),
+        )
+
+    def score(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw reward-function scores, scores with truncated answers replaced by the missing-EOS penalty)."""
+        raw = self.reward_fn(rollouts.prompts, rollouts.answer_texts, rollouts.answer_ids).float().to(self.device)
+        if self.config.missing_eos_penalty is None:
+            return raw, raw
+        return raw, torch.where(rollouts.has_eos, raw, torch.full_like(raw, self.config.missing_eos_penalty))
+
+    def train_minibatches(
+        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor
+    ) -> dict[str, float]:
+        """ppo_epochs passes over the rollout batch in shuffled minibatches; the mean of each loss term."""
+        c = self.config
+        totals = defaultdict(list)
+        for _ in range(c.ppo_epochs):
+            for rows in torch.randperm(len(rollouts.prompts), device=self.device).split(c.minibatch_size):
+                batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
+                logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head)
+                logprobs = token_logprobs(logits, batch.responses)  # (b, R)
+                pg_loss, clipfrac, approx_kl = policy_loss(
+                    logprobs, rollouts.logprobs[rows], advantages[rows], mask, c.cliprange
+                )
+                v_loss, vf_clipfrac = value_loss(values, rollouts.values[rows], returns[rows], mask, c.cliprange_value)
+                loss = pg_loss + c.vf_coef * v_loss
+                self.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                self.optimizer.step()
+                for name, value in (
+                    ("ppo/loss/policy", pg_loss), ("ppo/loss/value", v_loss), ("ppo/policy/approx_kl", approx_kl),
+                    ("ppo/policy/clipfrac", clipfrac), ("ppo/val/clipfrac", vf_clipfrac),
+                ):
+                    totals[name].append(value.item())
+        return {name: sum(values) / len(values) for name, values in totals.items()}
+
+    def save_adapter(self, out_dir: Path) -> Path:
+        """Save the adapter (peft format, safetensors only) under a temp name, then rename into place."""
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.policy.save_pretrained(tmp, safe_serialization=True)
+            tmp.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+
+def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated ids up to and including the first EOS (generate pads finished rows after it)."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: i + 1]
+    return ids
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over answer tokens: 1 is a perfect critic, <= 0 a useless one."""
+    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask)).item()

@@ -1,0 +1,148 @@
+"""The maths of PPO for language models, as pure functions on tensors.
+
+Shapes: B answers in a batch, R answer-token columns (answers right-padded); `mask` is (B, R) with 1 on
+real answer tokens. Follows OpenAI's lm-human-preferences and "The N Implementation Details of RLHF
+with PPO" (Huang et al.): per-token KL penalty plus the score at the last token, GAE, whitened
+advantages, clipped surrogate and clipped value loss, adaptive KL coefficient.
+"""
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the masked entries (Bessel-corrected by default, as TRL and lm-human-preferences)."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Scale to unit variance over the masked entries; also centre on 0 unless shift_mean is False.
+
+    Rewards are whitened without the shift (the mean reward carries the signal); advantages with it.
+    Padded entries come back as 0.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def compute_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -kl_coef * (logp - logp_ref) on every answer token, plus the score on the last.
+
+    scores (B,), logprobs/ref_logprobs/mask (B, R) -> rewards (B, R), kl (B, R). The "last token" is
+    the last unmasked one, whether it is EOS or a truncated answer's final token (a truncated answer's
+    score should already have been replaced by a penalty, see PPOConfig.missing_eos_penalty).
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's answer tokens -> (advantages, returns), (B, R).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t; A_t = delta_t + gamma * lam * A_{t+1}; the value past the
+    last answer token is 0 (the episode ends there). Padded positions get 0 advantage and 0 return.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    last_gae = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    cliprange: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate -> (pg_loss, clipfrac, approx_kl), all scalars, means over answer tokens.
+
+    approx_kl is lm-human-preferences' 0.5 * mean((logp - logp_old)^2) between the new and old policy.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
+    return pg_loss, clipfrac, approx_kl
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * mean(max((V - G)^2, (V_clipped - G)^2)) -> (v_loss, vf_clipfrac)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses = (values - returns) ** 2
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    v_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask)
+    return v_loss, vf_clipfrac
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z). (..., V) -> (...)"""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || ref) per answer, summed over tokens: sum(logp - logp_ref). (B, R) -> (B,)"""
+    return ((logprobs - ref_logprobs) * mask).sum(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 per answer: sum((r - 1) - log r), r = p_ref / p; unbiased, never negative. (B,)"""
+    log_r = ref_logprobs - logprobs
+    return ((torch.exp(log_r) - 1 - log_r) * mask).sum(-1)
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """lm-human-preferences' controller: move beta by the clipped proportional error, n_steps/horizon at a time.
+
+    current_kl is the mean KL per answer (nats); n_steps is how many answers the batch had.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon

@@ -1,0 +1,162 @@
+"""PPO on the tiny random Llama: it learns a synthetic reward, the reference is the bare base, adapters round-trip."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from rlhf.modeling import LoraSettings, TokenBatch, forward, load_base, response_logits, token_logprobs
+from rlhf.ppo import PPOConfig, PPOTrainer, cut_at_eos
+from service.model import resolve_base_model
+from service.settings import Settings
+from tests.conftest import make_adapter
+
+TOPICS = ("cats", "dogs", "rain", "the sea", "music", "bread", "trains", "stars", "tea", "snow", "chess", "bees")
+PROMPTS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in TOPICS]
+STAT_KEYS = {
+    "objective/score", "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
+    "ppo/policy/approx_kl", "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/explained_variance",
+    "ppo/mean_length", "ppo/eos_fraction", "time/rollout_s", "time/update_s",
+}
+
+
+@pytest.fixture
+def tiny_base(tiny_model_dir: Path):
+    """A fresh tiny base per test (the trainer wraps it in place). One thread: a 64-wide model gains nothing from
+    intra-op threads, and on a busy 2-core machine they make every small op several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_base(tiny_model_dir)
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> PPOConfig:
+    settings = dict(
+        batch_size=16, minibatch_size=8, lr=3e-3, max_new_tokens=8, temperature=0.1, init_kl_coef=0.05,
+        missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16),
+    )
+    return PPOConfig(**settings | overrides)
+
+
+def family_reward(model: torch.nn.Module):
+    """+1 per answer token whose (tied) embedding has a positive first coordinate.
+
+    A random tiny model's logits are nearly flat and can only move along directions of the embedding
+    matrix, so a family that is such a direction is one it can learn; temperature 0.1 sharpens the
+    logits enough for that to show within a few iterations. About half the vocabulary is in the family.
+    """
+    family = model.get_input_embeddings().weight[:, 0] > 0
+
+    def reward_fn(prompts: list, texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([float(family[torch.tensor(ids)].sum()) for ids in answer_ids])
+
+    return reward_fn
+
+
+@torch.no_grad()
+def answer_logprobs(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
+    """Logprobs of the batch's answer tokens through the shared modeling path (full logits). (B, R)"""
+    logits = response_logits(forward(model, batch).logits, batch, temperature)
+    return token_logprobs(logits, batch.responses) * batch.response_mask
+
+
+def test_ppo_raises_the_reward_within_a_kl_budget(tiny_base):
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config())
+    seen = []
+    history = trainer.train(PROMPTS, iterations=8, progress=lambda i, stats: seen.append(i))
+    assert seen == list(range(1, 9))
+    assert set(history[0]) >= STAT_KEYS
+    assert all(math.isfinite(value) for stats in history for value in stats.values())
+    scores = [stats["objective/score"] for stats in history]
+    kls = [stats["objective/kl"] for stats in history]
+    print("scores", [round(s, 3) for s in scores], "kl", [round(k, 3) for k in kls])
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # a fresh adapter starts as the reference
+    assert sum(scores[-2:]) / 2 > scores[0] + 2.0  # out of 8 tokens; starts near 2.6
+    assert max(kls) < 5.0  # nats per answer
+
+
+def test_reference_is_the_bare_base_and_the_policy_starts_as_the_adapter(tiny_base, tiny_model_dir, tmp_path):
+    base, tokenizer = tiny_base
+    adapter_dir = make_adapter(tiny_model_dir, tmp_path / "prod", seed=3)
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(), init_adapter_dir=adapter_dir)
+    rollouts = trainer.sample(PROMPTS[:4])
+    mask = rollouts.batch.response_mask
+
+    plain_base, _ = load_base(tiny_model_dir)
+    expected_ref = answer_logprobs(plain_base, rollouts.batch, trainer.config.temperature)
+    torch.testing.assert_close(rollouts.ref_logprobs * mask, expected_ref, atol=1e-5, rtol=1e-5)
+
+    production = PeftModel.from_pretrained(load_base(tiny_model_dir)[0], adapter_dir).eval()
+    expected_policy = answer_logprobs(production, rollouts.batch, trainer.config.temperature)
+    torch.testing.assert_close(rollouts.logprobs * mask, expected_policy, atol=1e-5, rtol=1e-5)
+    assert (expected_policy - expected_ref).abs().max() > 0.1  # the adapter really changes the model
+
+
+def test_sampler_and_trainer_use_the_same_temperature(tiny_base):
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(batch_size=32))
+    rollouts = trainer.sample(PROMPTS * 3)
+    mask = rollouts.batch.response_mask.bool()
+    # Tokens drawn from p have mean -log p equal to p's entropy. Here that is 6.2 nats per token, give or
+    # take 0.3 (the spread of the mean over ~290 tokens); tokens sampled at T=1 but scored at T=0.1 are
+    # 5 nats further off.
+    surprise = -rollouts.logprobs[mask].mean()
+    assert surprise.item() == pytest.approx(rollouts.entropy[mask].mean().item(), abs=1.5)
+
+
+def test_answers_without_eos_get_the_penalty(tiny_base):
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(missing_eos_penalty=-1.0, ppo_epochs=1))
+    stats = trainer.step(PROMPTS[:8])
+    # a random model over 49k tokens essentially never samples EOS within 8 tokens
+    assert stats["ppo/eos_fraction"] == 0.0 and stats["ppo/mean_length"] == 8.0
+    assert stats["objective/score"] == -1.0 and stats["objective/raw_score"] > 0
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
+    assert cut_at_eos([5, 6, 7], {2}) == [5, 6, 7]
+    assert cut_at_eos([5, 0, 6, 2], {2, 0}) == [5, 0]
+
+
+def test_saved_adapter_is_peft_safetensors_and_reloads(tiny_base, tiny_model_dir, tmp_path):
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(ppo_epochs=1))
+    trainer.step(PROMPTS[:8])
+    out = trainer.save_adapter(tmp_path / "v2")
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+    assert [p.name for p in tmp_path.iterdir()] == ["v2"]  # no temp dir left behind
+
+    rollouts = trainer.sample(PROMPTS[:4])
+    reloaded = PeftModel.from_pretrained(load_base(tiny_model_dir)[0], out).eval()
+    expected = answer_logprobs(reloaded, rollouts.batch, trainer.config.temperature)
+    torch.testing.assert_close(rollouts.logprobs * rollouts.batch.response_mask, expected, atol=1e-5, rtol=1e-5)
+    assert (expected - answer_logprobs(load_base(tiny_model_dir)[0], rollouts.batch, 0.1)).abs().max() > 0
+
+    with pytest.raises(OSError):  # a saved version is never overwritten
+        trainer.save_adapter(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v2"]
+
+
+@pytest.mark.real_model
+def test_one_iteration_on_smollm2(tmp_path):
+    base, tokenizer = load_base(resolve_base_model(Settings(data_dir=tmp_path)))
+
+    def letter_e(prompts: list, texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([float(text.lower().count("e")) for text in texts])
+
+    # most SmolLM2 answers run past 16 tokens: without the EOS penalty the reward itself drives the update
+    config = PPOConfig(
+        batch_size=4, minibatch_size=2, max_new_tokens=16, temperature=0.7, missing_eos_penalty=None,
+        lora=LoraSettings(r=8, alpha=16),
+    )
+    stats = PPOTrainer(base, tokenizer, letter_e, config).step(PROMPTS[:4])
+    print(stats)
+    assert set(stats) >= STAT_KEYS
+    assert all(math.isfinite(value) for value in stats.values())
+    assert 1 <= stats["ppo/mean_length"] <= 16

@@ -1,0 +1,175 @@
+"""PPO maths against values worked out by hand (the working is in the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_rewards,
+    entropy_from_logits,
+    gae,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    masked_var,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+
+
+def close(actual: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_mean_and_var():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # kept: 1, 2, 4 -> mean 7/3
+    close(masked_mean(values, mask), 7 / 3)
+    # deviations -4/3, -1/3, 5/3 -> squares 16/9 + 1/9 + 25/9 = 42/9; biased 42/27 = 14/9, unbiased 42/18 = 7/3
+    close(masked_var(values, mask), 7 / 3)
+    close(masked_var(values, mask, unbiased=False), 14 / 9)
+
+
+def test_whiten():
+    values = torch.tensor([[1.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # kept 1, 3: mean 2, unbiased var (1 + 1) / 1 = 2 -> (x - 2) / sqrt(2) = -0.70711, +0.70711; pad -> 0
+    close(whiten(values, mask), [[-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]])
+    # without the shift the mean 2 is added back: 1.29289, 2.70711
+    close(whiten(values, mask, shift_mean=False), [[2 - 1 / math.sqrt(2), 2 + 1 / math.sqrt(2), 0.0]])
+
+
+def test_compute_rewards_with_and_without_eos():
+    scores = torch.tensor([2.0, -1.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -0.5]])
+    # row 0 ended with EOS at column 1; row 1 hit the token limit (no EOS): its last token is column 2
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    # kl = logp - ref on answer tokens: row 0 [0.5, 0, (pad) 0]; row 1 [1, 0, -0.5]
+    close(kl, [[0.5, 0.0, 0.0], [1.0, 0.0, -0.5]])
+    # rewards = -0.1 * kl, score on the last answer token:
+    # row 0 [-0.05, 0 + 2, 0]; row 1 [-0.1, 0, 0.05 - 1 = -0.95]
+    close(rewards, [[-0.05, 2.0, 0.0], [-0.1, 0.0, -0.95]])
+
+
+def test_gae_full_row():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    mask = torch.ones(1, 3)
+    # gamma 1, lam 0.5; value past the end is 0
+    # t=2: delta = 2 + 0 - 1.5 = 0.5,   A2 = 0.5
+    # t=1: delta = 0 + 1.5 - 1 = 0.5,   A1 = 0.5 + 0.5 * 0.5 = 0.75
+    # t=0: delta = 1 + 1 - 0.5 = 1.5,   A0 = 1.5 + 0.5 * 0.75 = 1.875
+    # returns = A + V = [2.375, 1.75, 2.0]
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    close(advantages, [[1.875, 0.75, 0.5]])
+    close(returns, [[2.375, 1.75, 2.0]])
+    # gamma 0.5, lam 1:
+    # t=2: delta = 2 - 1.5 = 0.5,              A2 = 0.5
+    # t=1: delta = 0 + 0.5 * 1.5 - 1 = -0.25,  A1 = -0.25 + 0.5 * 0.5 = 0
+    # t=0: delta = 1 + 0.5 * 1 - 0.5 = 1,      A0 = 1 + 0.5 * 0 = 1
+    advantages, returns = gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    close(advantages, [[1.0, 0.0, 0.5]])
+    close(returns, [[1.5, 1.0, 2.0]])
+
+
+def test_gae_ignores_padding():
+    rewards = torch.tensor([[1.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # the answer ends at t=1, so the pad's reward 99 and value 7 must not leak in (gamma 1, lam 0.5):
+    # t=1: delta = 2 + 0 - 1 = 1,       A1 = 1
+    # t=0: delta = 1 + 1 - 0.5 = 1.5,   A0 = 1.5 + 0.5 * 1 = 2
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    close(advantages, [[2.0, 1.0, 0.0]])
+    close(returns, [[2.5, 2.0, 0.0]])
+
+
+def test_policy_loss():
+    old_logprobs = torch.full((2, 3), -1.0)
+    ratios = torch.tensor([[1.0, 1.5, 0.5], [0.5, 3.0, 3.0]])
+    logprobs = old_logprobs + ratios.log()
+    advantages = torch.tensor([[2.0, 1.0, -1.0], [1.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # per token max(-A * ratio, -A * clip(ratio, 0.8, 1.2)):
+    #   ratio 1.0, A 2:   max(-2, -2)      = -2
+    #   ratio 1.5, A 1:   max(-1.5, -1.2)  = -1.2  (clipped)
+    #   ratio 0.5, A -1:  max(0.5, 0.8)    = 0.8   (clipped)
+    #   ratio 0.5, A 1:   max(-0.5, -0.8)  = -0.5
+    # pg_loss = (-2 - 1.2 + 0.8 - 0.5) / 4 = -0.725; clipfrac = 2 / 4
+    # approx_kl = 0.5 * (0 + ln(1.5)^2 + ln(0.5)^2 + ln(0.5)^2) / 4 = 0.5 * (0.164402 + 2 * 0.480453) / 4 = 0.140664
+    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange=0.2)
+    close(pg_loss, -0.725)
+    close(clipfrac, 0.5)
+    close(approx_kl, 0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
+    close(approx_kl, 0.140664)
+
+
+def test_policy_loss_gradient_vanishes_when_clipped():
+    logprobs = torch.tensor([[math.log(1.5)]], requires_grad=True)
+    pg_loss, _, _ = policy_loss(logprobs, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    pg_loss.backward()
+    # ratio 1.5 > 1.2 with a positive advantage: the clipped branch wins and is constant in logprobs
+    close(logprobs.grad, [[0.0]])
+
+
+def test_value_loss():
+    values = torch.tensor([[1.5, 1.5, 2.0]])
+    old_values = torch.ones(1, 3)
+    returns = torch.tensor([[2.0, 0.0, 1.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # clipped values: 1 + clip(0.5, -0.2, 0.2) = 1.2
+    # token 0: (1.5 - 2)^2 = 0.25, (1.2 - 2)^2 = 0.64 -> 0.64 (clipped)
+    # token 1: (1.5 - 0)^2 = 2.25, (1.2 - 0)^2 = 1.44 -> 2.25
+    # v_loss = 0.5 * (0.64 + 2.25) / 2 = 0.7225; vf_clipfrac = 1 / 2
+    v_loss, vf_clipfrac = value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    close(v_loss, 0.7225)
+    close(vf_clipfrac, 0.5)
+
+
+def test_entropy_from_logits():
+    # uniform over 2: ln 2 = 0.693147; p = (0.75, 0.25): 0.75 * ln(4/3) + 0.25 * ln 4 = 0.215762 + 0.346574
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    close(entropy_from_logits(logits), [math.log(2.0), 0.562335])
+
+
+def test_kl_estimators_per_answer():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # k1 = sum(logp - ref): row 0 0.5 + 0 = 0.5; row 1 1 + 0 - 0.5 = 0.5
+    close(kl_k1(logprobs, ref_logprobs, mask), [0.5, 0.5])
+    # k3 = sum(e^x - 1 - x), x = ref - logp: row 0 x = -0.5, 0 -> 0.606531 - 0.5 = 0.106531
+    # row 1 x = -1, 0, 0.5 -> (0.367879 - 1 + 1) + 0 + (1.648721 - 1 - 0.5) = 0.367879 + 0.148721 = 0.516600
+    close(kl_k3(logprobs, ref_logprobs, mask), [0.106531, 0.516600])
+
+
+def test_fixed_kl_controller_never_moves():
+    controller = FixedKLController(0.05)
+    controller.update(100.0, 64)
+    assert controller.value == 0.05
+
+
+@pytest.mark.parametrize(
+    ("current_kl", "expected"),
+    [
+        # over target: error 9/6 - 1 = 0.5, clipped to 0.2 -> beta * (1 + 0.2 * 1000 / 10000) = 0.1 * 1.02
+        (9.0, 0.102),
+        # under target: error 5.4/6 - 1 = -0.1 -> beta * (1 - 0.1 * 0.1) = 0.1 * 0.99
+        (5.4, 0.099),
+        # far under: error -1 clipped to -0.2 -> 0.1 * 0.98
+        (0.0, 0.098),
+        # on target: no change
+        (6.0, 0.1),
+    ],
+)
+def test_adaptive_kl_controller(current_kl, expected):
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    controller.update(current_kl, n_steps=1000)
+    assert controller.value == pytest.approx(expected)
