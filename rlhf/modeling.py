@@ -93,17 +93,13 @@ def build_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int)
     return TokenBatch(ids, mask, response_mask, p)
 
 
-def forward(model: torch.nn.Module, batch: TokenBatch, hidden: bool = False):
+def forward(model: torch.nn.Module, batch: TokenBatch, hidden: bool = False, logits_to_keep: int = 0):
+    """The model on a batch. logits_to_keep=k computes logits for the last k columns only (0: all):
+    (B, T, vocab) logits cost more than the whole trunk of a small model and are often unused."""
     return model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        output_hidden_states=hidden, use_cache=False,
+        output_hidden_states=hidden, use_cache=False, logits_to_keep=logits_to_keep,
     )
-
-
-def response_logits(logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits that predicted each answer token, scaled by the sampling temperature. (B, R, V)"""
-    r = batch.response_mask.shape[1]
-    return logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + r].float() / temperature
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.data import Messages
-from rlhf.modeling import LoraSettings, TokenBatch, build_batch, encode_prompt, token_logprobs
+from rlhf.modeling import LoraSettings, TokenBatch, build_batch, encode_prompt, forward, token_logprobs
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -96,11 +96,7 @@ def forward_answers(
 
     Only the last R + 1 positions get logits: a (B, P + R, V) tensor over prompts is wasted memory.
     """
-    r = batch.response_mask.shape[1]
-    out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        output_hidden_states=value_head is not None, use_cache=False, logits_to_keep=r + 1,
-    )
+    out = forward(model, batch, hidden=value_head is not None, logits_to_keep=batch.response_mask.shape[1] + 1)
     logits = out.logits[:, :-1].float() / temperature  # (B, R, V)
     values = None if value_head is None else value_head(out.hidden_states[-1][:, batch.prompt_len - 1 : -1].float())
     return logits, values

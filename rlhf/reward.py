@@ -24,7 +24,15 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.data import FeedbackData, Messages, Pair, Thumb, prompt_key
-from rlhf.modeling import LoraSettings, TokenBatch, build_batch, encode_answer, encode_prompt, last_token_index
+from rlhf.modeling import (
+    LoraSettings,
+    TokenBatch,
+    build_batch,
+    encode_answer,
+    encode_prompt,
+    forward,
+    last_token_index,
+)
 
 FORMAT = "chatloop-reward-model/1"
 WEIGHTS_FILE = "reward_model.safetensors"
@@ -90,12 +98,7 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """Raw scores. (B,)"""
-        # Same call as rlhf.modeling.forward, but logits_to_keep=1: the (B, T, vocab) logits are
-        # unused here and cost more than the whole trunk of a small model.
-        out = self.body(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-            output_hidden_states=True, use_cache=False, logits_to_keep=1,
-        )
+        out = forward(self.body, batch, hidden=True, logits_to_keep=1)  # logits unused: keep one column
         hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch)]  # (B, H)
         return self.head(last.float()).squeeze(-1)  # (B,)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from service.detokenizer import IncrementalDetokenizer
-from service.kv_cache import BatchCache, pad_mask_left
+from service.kv_cache import BatchCache
 from service.model import BaseModel
 from service.sampling import sample
 
@@ -88,15 +88,25 @@ class _Sequence:
 
 
 class _Batch:
-    """Rows decoded together with one adapter: right-aligned, left-padded, sharing one KV cache."""
+    """Rows decoded together with one adapter: right-aligned, left-padded, sharing one KV cache.
+
+    Row r's first pad[r] cache columns are padding; its next token goes in column `cache.length` at
+    position `cache.length - pad[r]`. The attention mask and positions follow from `pad` in two small
+    ops per step, so nothing but the cache grows as the answer does.
+    """
 
     def __init__(self, model: torch.nn.Module, num_layers: int) -> None:
         self.model = model
         self.cache = BatchCache(num_layers)
         self.seqs: list[_Sequence] = []
-        self.mask = torch.zeros((0, 0), dtype=torch.long)  # (B, T) 1 = real token
-        self.positions = torch.zeros(0, dtype=torch.long)  # (B,) position of the next token
+        self.pad = torch.zeros(0, dtype=torch.long)  # (B,) left-padding columns of each row
         self.last = torch.zeros(0, dtype=torch.long)  # (B,) token to feed next
+        self.temperature = torch.zeros(0)  # (B,) sampling parameters, kept in step with the rows
+        self.top_p = torch.zeros(0)  # (B,)
+        # transformers drops an all-true mask, and sdpa without a mask takes a GQA path that is 5-10x
+        # slower per decode step on CPU than the one it takes with a mask; a ready 4D boolean mask
+        # also skips transformers' mask building. Other attention kinds get the plain (B, T) mask.
+        self.mask_4d = model.config._attn_implementation == "sdpa"
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -105,26 +115,35 @@ class _Batch:
         )
         return out.logits[:, -1]  # (B, V)
 
+    def decode_step(self) -> torch.Tensor:
+        """Feed every row its last token; the next-token logits (B, V)."""
+        length = self.cache.length
+        mask = torch.arange(length + 1, device=self.pad.device) >= self.pad[:, None]  # (B, T) True = real token
+        if self.mask_4d:
+            mask = mask[:, None, None, :]  # (B, 1, 1, T): one query row, shared by all heads
+        return self.forward(self.last[:, None], mask, (length - self.pad)[:, None])
+
     def merge(self, other: "_Batch") -> None:
         if not self.seqs:
-            self.cache, self.seqs, self.mask = other.cache, other.seqs, other.mask
-            self.positions, self.last = other.positions, other.last
+            self.cache, self.seqs, self.pad, self.last = other.cache, other.seqs, other.pad, other.last
+            self.temperature, self.top_p = other.temperature, other.top_p
             return
         t = max(self.cache.length, other.cache.length)
+        self.pad = torch.cat([self.pad + t - self.cache.length, other.pad + t - other.cache.length])
         self.cache.merge(other.cache)
-        self.mask = torch.cat([pad_mask_left(self.mask, t), pad_mask_left(other.mask, t)])
-        self.positions = torch.cat([self.positions, other.positions])
         self.last = torch.cat([self.last, other.last])
+        self.temperature = torch.cat([self.temperature, other.temperature])
+        self.top_p = torch.cat([self.top_p, other.top_p])
         self.seqs += other.seqs
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask[index]
+        index = torch.tensor(rows, dtype=torch.long, device=self.pad.device)
+        pad = self.pad[index]
         # Columns that are padding in every remaining row are dead weight: drop them.
-        drop = int(mask.any(dim=0).int().argmax()) if len(rows) else 0
+        drop = int(pad.min()) if len(rows) else 0
         self.cache.select(index, drop_left=drop)
-        self.mask = mask[:, drop:]
-        self.positions, self.last = self.positions[index], self.last[index]
+        self.pad = pad - drop
+        self.last, self.temperature, self.top_p = self.last[index], self.temperature[index], self.top_p[index]
         self.seqs = [self.seqs[i] for i in rows]
 
 
@@ -134,7 +153,7 @@ class Engine:
         self.tokenizer = base.tokenizer
         self.max_batch_size = max_batch_size
         self.max_context = min(max_context, base.max_positions)
-        self.eos = torch.tensor(sorted(base.eos_token_ids), dtype=torch.long)
+        self.eos = base.eos_token_ids
         self.num_layers = base.model.config.num_hidden_layers
         self._weights: dict[str, torch.nn.Module] = {BASE: base.model}
         self._batches: dict[str, _Batch] = {}
@@ -258,15 +277,14 @@ class Engine:
         new = _Batch(model, self.num_layers)
         logits = new.forward(ids.to(device), mask.to(device), positions.to(device))  # (R, V)
         # n > 1: every choice shares the prompt's prefill.
-        repeats = torch.tensor([r.n for r in requests])
-        new.cache.repeat_rows(repeats.to(device))
-        new.mask = mask.repeat_interleave(repeats, dim=0).to(device)
-        new.positions = torch.tensor(
-            [len(r.prompt_ids) for r in requests for _ in range(r.n)], dtype=torch.long, device=device
-        )
+        repeats = torch.tensor([r.n for r in requests], device=device)
+        new.cache.repeat_rows(repeats)
+        choices = [r for r in requests for _ in range(r.n)]
+        new.pad = torch.tensor([t - len(r.prompt_ids) for r in choices], dtype=torch.long, device=device)
+        new.temperature = torch.tensor([r.params.temperature for r in choices], device=device)
+        new.top_p = torch.tensor([r.params.top_p for r in choices], device=device)
         new.seqs = [self._sequence(r, i) for r in requests for i in range(r.n)]
-        new.last = torch.zeros(len(new.seqs), dtype=torch.long, device=device)
-        self._sample_and_emit(new, logits.repeat_interleave(repeats.to(device), dim=0))
+        self._sample_and_emit(new, logits.repeat_interleave(repeats, dim=0))
         if not new.seqs:
             return
         if adapter in self._batches:
@@ -291,10 +309,7 @@ class Engine:
         if not batch.seqs:
             del self._batches[name]
             return
-        ones = torch.ones((len(batch.seqs), 1), dtype=torch.long, device=batch.mask.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=-1)
-        logits = batch.forward(batch.last[:, None], batch.mask, batch.positions[:, None])
-        batch.positions = batch.positions + 1
+        logits = batch.decode_step()
         self.steps += 1
         self._sample_and_emit(batch, logits)
         if not batch.seqs:
@@ -302,16 +317,12 @@ class Engine:
 
     def _sample_and_emit(self, batch: _Batch, logits: torch.Tensor) -> None:
         """Pick the next token of every row, stream its text, and drop rows that finished."""
-        params = [s.request.params for s in batch.seqs]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        tokens = sample(logits, temperature, top_p, [s.generator for s in batch.seqs])  # (B,)
+        tokens = sample(logits, batch.temperature, batch.top_p, [s.generator for s in batch.seqs])  # (B,)
         batch.last = tokens
-        is_eos = torch.isin(tokens.cpu(), self.eos).tolist()
         keep = []
-        for row, (seq, token, eos) in enumerate(zip(batch.seqs, tokens.tolist(), is_eos, strict=True)):
+        for row, (seq, token) in enumerate(zip(batch.seqs, tokens.tolist(), strict=True)):
             finish = None
-            if eos:
+            if token in self.eos:
                 finish, text = "stop", seq.detok.flush()
             else:
                 seq.generated += 1

@@ -95,9 +95,3 @@ def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:  # (B, H, T, D) -> 
         return x
     return torch.cat([x.new_zeros((*x.shape[:2], missing, x.shape[-1])), x], dim=-2)
 
-
-def pad_mask_left(mask: torch.Tensor, length: int) -> torch.Tensor:  # (B, T) -> (B, length)
-    missing = length - mask.shape[-1]
-    if missing == 0:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=-1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from rlhf.modeling import LoraSettings, TokenBatch, forward, load_base, response_logits, token_logprobs
+from rlhf.modeling import LoraSettings, TokenBatch, forward, load_base, token_logprobs
 from rlhf.ppo import PPOConfig, PPOTrainer, cut_at_eos
 from service.model import resolve_base_model
 from service.settings import Settings
@@ -57,8 +57,9 @@ def family_reward(model: torch.nn.Module):
 
 @torch.no_grad()
 def answer_logprobs(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
-    """Logprobs of the batch's answer tokens through the shared modeling path (full logits). (B, R)"""
-    logits = response_logits(forward(model, batch).logits, batch, temperature)
+    """Logprobs of the batch's answer tokens from full logits, sliced independently of ppo.py. (B, R)"""
+    r, p = batch.response_mask.shape[1], batch.prompt_len
+    logits = forward(model, batch).logits[:, p - 1 : p - 1 + r].float() / temperature
     return token_logprobs(logits, batch.responses) * batch.response_mask
 
 
