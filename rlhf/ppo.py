@@ -102,6 +102,31 @@ def forward_answers(
     return logits, values
 
 
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    gen_eos = model.generation_config.eos_token_id
+    return ({tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])) - {None}
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], temperature: float,
+    max_new_tokens: int, eos_ids: set[int],
+) -> tuple[list[list[int]], TokenBatch]:
+    """Sample one answer per prompt (pure temperature sampling: no top-k/top-p, so logits / T is the
+    distribution sampled from). Returns the answer ids (ending in EOS when produced) and their batch."""
+    pad_id = tokenizer.pad_token_id
+    prompt_ids = [encode_prompt(tokenizer, messages) for messages in prompts]
+    inputs = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt")
+    device = next(model.parameters()).device
+    output = model.generate(
+        input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
+    )
+    answer_ids = [cut_at_eos(row.tolist(), eos_ids) for row in output[:, inputs["input_ids"].shape[1] :]]
+    return answer_ids, build_batch(prompt_ids, answer_ids, pad_id).to(device)
+
+
 class PPOTrainer:
     def __init__(
         self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn,
@@ -123,9 +148,7 @@ class PPOTrainer:
             self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
         else:
             self.kl_ctl = FixedKLController(config.init_kl_coef)
-        self.eos_ids = {tokenizer.eos_token_id}
-        gen_eos = base_model.generation_config.eos_token_id
-        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+        self.eos_ids = eos_token_ids(base_model, tokenizer)
         self.rng = random.Random(config.seed)
 
     def train(
@@ -180,16 +203,8 @@ class PPOTrainer:
     @torch.no_grad()
     def sample(self, prompts: list[Messages]) -> Rollouts:
         """Sample one answer per prompt, then recompute logprobs, values and reference logprobs."""
-        c, pad_id = self.config, self.tokenizer.pad_token_id
-        prompt_ids = [encode_prompt(self.tokenizer, messages) for messages in prompts]
-        inputs = self.tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt")
-        output = self.policy.generate(
-            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device),
-            do_sample=True, temperature=c.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-            max_new_tokens=c.max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(self.eos_ids),
-        )
-        answer_ids = [cut_at_eos(row.tolist(), self.eos_ids) for row in output[:, inputs["input_ids"].shape[1] :]]
-        batch = build_batch(prompt_ids, answer_ids, pad_id).to(self.device)
+        c, tokenizer = self.config, self.tokenizer
+        answer_ids, batch = generate(self.policy, tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids)
         logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head)
         with self.policy.disable_adapter():
             ref_logits, _ = forward_answers(self.policy, batch, c.temperature)

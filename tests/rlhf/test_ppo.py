@@ -24,12 +24,8 @@ STAT_KEYS = {
 
 @pytest.fixture
 def tiny_base(tiny_model_dir: Path):
-    """A fresh tiny base per test (the trainer wraps it in place). One thread: a 64-wide model gains nothing from
-    intra-op threads, and on a busy 2-core machine they make every small op several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_base(tiny_model_dir)
-    torch.set_num_threads(threads)
+    """A fresh tiny base per test (the trainer wraps it in place)."""
+    return load_base(tiny_model_dir)
 
 
 def tiny_config(**overrides) -> PPOConfig:

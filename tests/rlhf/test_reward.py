@@ -65,16 +65,6 @@ def banana_thumbs(n: int, seed: int = 1) -> list[Thumb]:
     return thumbs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads, and beside another busy process on two
-    cores OpenMP threads spin against it: this file took 106 s with two threads, 9.5 s with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def base(tiny_model_dir: Path):
     """A fresh base per test: the reward model injects its LoRA into the base in place."""
