@@ -8,6 +8,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from rlhf.cli import add_commands as add_training_commands
 from service.settings import get_settings
 
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = feedback.add_parser("import", help="record the pairs and thumbs of a JSONL file as feedback")
     p.add_argument("path", type=Path)
     p.set_defaults(func=feedback_import)
+    add_training_commands(commands)
     return parser
 
 

@@ -1,0 +1,108 @@
+"""The three training stages as functions of paths: what the CLI and the Celery tasks both call.
+
+    train_reward(data.jsonl)            -> reward model directory (+ metrics)
+    train_policy(reward model, prompts) -> candidate adapter directory (+ per-iteration stats)
+    evaluate_candidate(candidate)       -> metrics and the gate's accept/reject with reasons
+
+Each stage loads the base it needs itself, so a stage can run in a fresh process (a Celery worker
+child) with nothing but paths. Outputs are written under a temp name and renamed: a stage killed
+half way leaves nothing that looks finished.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf.data import FeedbackData, Messages, build_datasets, load_records
+from rlhf.evaluate import EvalConfig, GateConfig, compare, gate
+from rlhf.modeling import LoraSettings, load_base
+from rlhf.ppo import PPOConfig, PPOTrainer
+from rlhf.reward import META_FILE, RewardConfig, RewardModel, train_reward_model
+
+Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
+STATS_FILE = "ppo_stats.json"
+
+
+@dataclass
+class PipelineConfig:
+    heldout_fraction: float = 0.1
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo_iterations: int = 8
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    max_eval_prompts: int = 64
+
+
+def load_feedback(data_path: Path, heldout_fraction: float) -> FeedbackData:
+    return build_datasets(load_records(data_path), heldout_fraction)
+
+
+def train_reward(
+    data_path: Path, base_path: Path, out_dir: Path, config: PipelineConfig, progress: Progress | None = None
+) -> dict:
+    """Train a reward model on an exported feedback file; returns its metrics."""
+    data = load_feedback(data_path, config.heldout_fraction)
+    base, tokenizer = load_base(base_path)
+    report = (lambda step, total, m: progress("reward", step, total, m)) if progress else None
+    model, metrics = train_reward_model(base, tokenizer, data, config.reward, report)
+    model.save(out_dir, {"metrics": metrics, "data": str(data_path), "base_path": str(base_path)})
+    return metrics
+
+
+def reward_fn_from(reward_dir: Path, base_path: Path):
+    """A PPO reward function backed by a saved reward model (on its own copy of the base)."""
+    base, tokenizer = load_base(base_path)
+    model = RewardModel.load(reward_dir, base)
+
+    def reward_fn(prompts: list[Messages], texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
+        return model.score_texts(tokenizer, prompts, texts)
+
+    return reward_fn
+
+
+def reward_data_path(reward_dir: Path) -> Path:
+    return Path(json.loads((reward_dir / META_FILE).read_text())["metadata"]["data"])
+
+
+def train_policy(
+    reward_dir: Path, base_path: Path, out_dir: Path, config: PipelineConfig, init_adapter: Path | None = None,
+    data_path: Path | None = None, progress: Progress | None = None,
+) -> list[dict]:
+    """PPO against a reward model on the prompts users sent; the new adapter starts from init_adapter."""
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
+    if not data.prompts:
+        raise ValueError("no training prompts in the feedback data")
+    reward_fn = reward_fn_from(reward_dir, base_path)
+    base, tokenizer = load_base(base_path)
+    trainer = PPOTrainer(base, tokenizer, reward_fn, config.ppo, init_adapter)
+    report = (lambda i, stats: progress("ppo", i, config.ppo_iterations, stats)) if progress else None
+    history = trainer.train(data.prompts, config.ppo_iterations, report)
+    trainer.save_adapter(out_dir)
+    (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(config.ppo), "history": history}, default=str))
+    return history
+
+
+def evaluate_candidate(
+    candidate_dir: Path, reward_dir: Path, base_path: Path, config: PipelineConfig, current_adapter: Path | None = None,
+    data_path: Path | None = None,
+) -> dict:
+    """The candidate against the current policy on held-out prompts; metrics plus the gate's verdict."""
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
+    prompts = (data.heldout_prompts or data.prompts)[: config.max_eval_prompts]
+    reward_fn = reward_fn_from(reward_dir, base_path)
+    base, tokenizer = load_base(base_path)
+    started = time.monotonic()
+    metrics = compare(base, tokenizer, reward_fn, prompts, candidate_dir, current_adapter, config.eval)
+    metrics["eval/seconds"] = time.monotonic() - started
+    metrics["eval/heldout"] = float(bool(data.heldout_prompts))
+    accepted, reasons = gate(metrics, config.gate)
+    return {"metrics": metrics, "accepted": accepted, "reasons": reasons}
+
+
+def lora_settings(r: int, alpha: int, dropout: float, targets: list[str]) -> LoraSettings:
+    return LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
