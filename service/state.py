@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from redis.asyncio import Redis
 
-from service.adapters import AdapterManager
+from service.adapters import AdapterManager, follow_promotions
 from service.engine import Engine
 from service.model import BaseModel, load_base_model
 from service.settings import Settings
@@ -23,7 +23,9 @@ class AppState:
     adapters: AdapterManager | None = None
     error: str | None = None
     redis: Redis | None = None
+    raw_redis: Redis | None = None  # no decoding: adapter weights are bytes
     _loading: asyncio.Task | None = field(default=None, repr=False)
+    _listener: asyncio.Task | None = field(default=None, repr=False)
 
     @property
     def ready(self) -> bool:
@@ -32,6 +34,7 @@ class AppState:
     def start_loading(self) -> None:
         """Load the model in the background so /healthz answers while a first start converts weights."""
         self.redis = Redis.from_url(self.settings.redis_url, decode_responses=True, health_check_interval=30)
+        self.raw_redis = Redis.from_url(self.settings.redis_url, health_check_interval=30)
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> None:
@@ -41,20 +44,22 @@ class AppState:
             self.base = await asyncio.to_thread(load_base_model, self.settings)
             engine = Engine(self.base, self.settings.max_batch_size, self.settings.max_context)
             self.adapters = AdapterManager(
-                engine, self.base, self.settings.adapters_dir, self.settings.production_adapter,
-                self.settings.max_loaded_adapters,
+                engine, self.base, self.redis, self.raw_redis, self.settings.max_loaded_adapters
             )
-            await self.adapters.ensure_loaded(self.adapters.production)
+            await self.adapters.sync_production()
             engine.start()
             self.engine = engine
+            self._listener = asyncio.create_task(follow_promotions(self.adapters, self.redis))
         except Exception as exc:
             log.exception("model loading failed")
             self.error = f"{type(exc).__name__}: {exc}"
 
     async def close(self) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
+        for task in (self._loading, self._listener):
+            if task is not None:
+                task.cancel()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
-        if self.redis is not None:
-            await self.redis.aclose()
+        for client in (self.redis, self.raw_redis):
+            if client is not None:
+                await client.aclose()

@@ -23,7 +23,7 @@ async def chat_completions(
     body: ChatCompletionRequest, http: Request, response: Response, state: ReadyDep, caller: ChatCaller
 ) -> ChatCompletion | StreamingResponse | Response:
     try:
-        adapter = state.adapters.adapter_for(body.model)
+        adapter = await state.adapters.adapter_for(body.model)
     except UnknownModel:
         raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
     await state.adapters.ensure_loaded(adapter)

@@ -20,5 +20,5 @@ async def list_models(state: ReadyDep, caller: CallerDep) -> ModelList:
         ModelCard(id=PRODUCTION_MODEL, created=STARTED, adapter=adapters.production),
         ModelCard(id=BASE_MODEL, created=STARTED, adapter=BASE),
     ]
-    cards += [ModelCard(id=v, created=STARTED, adapter=v) for v in adapters.versions()]
+    cards += [ModelCard(id=v, created=STARTED, adapter=v) for v in await adapters.versions()]
     return ModelList(data=cards)

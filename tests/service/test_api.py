@@ -2,12 +2,15 @@
 
 import asyncio
 import json
-import shutil
+import os
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
+import redis
 
 from tests.server import running_server, tiny_server_env
 
@@ -17,10 +20,12 @@ MESSAGES = [{"role": "user", "content": "Hello there"}]
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory, redis_url):
     data = tmp_path_factory.mktemp("data")
-    shutil.copytree(tiny_adapter_dir, data / "adapters" / "v1")
-    env = tiny_server_env(tiny_model_dir, data, redis_url) | {
-        "CHATLOOP_PRODUCTION_ADAPTER": "v1", "CHATLOOP_MAX_REQUEST_BYTES": "100000",
-    }
+    redis.Redis.from_url(redis_url).flushdb()
+    env = tiny_server_env(tiny_model_dir, data, redis_url) | {"CHATLOOP_MAX_REQUEST_BYTES": "100000"}
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "adapters", "import", str(tiny_adapter_dir), "--version", "v1",
+         "--promote"], env={**os.environ, **env}, check=True,
+    )
     with running_server(env, data / "server.log") as url:
         yield url
 

@@ -1,0 +1,119 @@
+"""Promotion and rollback reach every API replica without a restart, and the label never lies."""
+
+import asyncio
+import contextlib
+import time
+
+import httpx
+import openai
+import pytest
+from redis.asyncio import Redis
+
+from service import registry
+from tests.conftest import make_adapter
+from tests.server import running_server, tiny_server_env
+
+MESSAGES = [{"role": "user", "content": "Which policy answers?"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_model_dir, root / name, seed=seed) for name, seed in (("a", 11), ("b", 12))}
+
+
+@pytest.fixture
+def replicas(tiny_model_dir, tmp_path, redis_url, redis_sync):
+    env = tiny_server_env(tiny_model_dir, tmp_path, redis_url)
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(running_server(env, tmp_path / f"replica{i}.log")) for i in range(2)]
+
+
+def greedy(url: str, model: str = "chatloop", max_tokens: int = 12) -> tuple[str, str]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+    r = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=max_tokens)
+    return r.system_fingerprint, r.choices[0].message.content
+
+
+def wait_for(url: str, version: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/readyz").json()["production_adapter"] != version:
+        assert time.monotonic() < deadline, f"{url} never switched to {version}"
+        time.sleep(0.02)
+
+
+async def registered(redis_url: str, adapters: dict) -> dict[str, str]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    versions = {name: await registry.register_dir(client, path) for name, path in adapters.items()}
+    await client.aclose()
+    return versions
+
+
+async def promote(redis_url: str, version: str | None = None) -> str:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    result = await (registry.promote(client, version) if version else registry.rollback(client))
+    await client.aclose()
+    return result
+
+
+def test_promotion_and_rollback_reach_every_replica(replicas, adapters, redis_url):
+    versions = asyncio.run(registered(redis_url, adapters))
+    expected = {v: greedy(replicas[0], model=v)[1] for v in versions.values()}
+    expected["base"] = greedy(replicas[0], model="chatloop-base")[1]
+    assert len(set(expected.values())) == 3  # three policies that answer differently
+
+    for version in (versions["a"], versions["b"]):
+        asyncio.run(promote(redis_url, version))
+        for url in replicas:
+            wait_for(url, version)
+            assert greedy(url) == (version, expected[version])
+    assert asyncio.run(promote(redis_url)) == versions["a"]  # rollback
+    for url in replicas:
+        wait_for(url, versions["a"])
+        assert greedy(url) == (versions["a"], expected[versions["a"]])
+
+
+def test_a_stream_started_before_the_swap_finishes_on_its_adapter(replicas, adapters, redis_url):
+    versions = asyncio.run(registered(redis_url, adapters))
+    url = replicas[0]
+    full = greedy(url, model=versions["a"], max_tokens=120)[1]
+    asyncio.run(promote(redis_url, versions["a"]))
+    wait_for(url, versions["a"])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+    stream = client.chat.completions.create(
+        model="chatloop", messages=MESSAGES, temperature=0, max_tokens=120, stream=True
+    )
+    chunks = [next(stream)]
+    asyncio.run(promote(redis_url, versions["b"]))  # swap while the stream is running
+    wait_for(url, versions["b"])
+    chunks += list(stream)
+    assert {c.system_fingerprint for c in chunks} == {versions["a"]}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    assert greedy(url)[0] == versions["b"]
+
+
+async def test_canary_labels_never_lie_under_load(replicas, adapters, redis_url):
+    """Swap back and forth while requests run; every answer must be the one its label's policy gives."""
+    versions = await registered(redis_url, adapters)
+    expected = {v: greedy(replicas[0], model=v, max_tokens=8)[1] for v in versions.values()}
+    expected["base"] = greedy(replicas[0], model="chatloop-base", max_tokens=8)[1]
+    clients = [openai.AsyncOpenAI(base_url=f"{u}/v1", api_key="EMPTY", max_retries=0) for u in replicas]
+    checked = 0
+
+    async def load(client: openai.AsyncOpenAI, stop: asyncio.Event) -> None:
+        nonlocal checked
+        while not stop.is_set():
+            r = await client.chat.completions.create(
+                model="chatloop", messages=MESSAGES, temperature=0, max_tokens=8
+            )
+            assert r.choices[0].message.content == expected[r.system_fingerprint], r.system_fingerprint
+            checked += 1
+
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(load(c, stop)) for c in clients for _ in range(3)]
+    for version in [versions["a"], versions["b"]] * 3:
+        await promote(redis_url, version)
+        await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert checked > 20
