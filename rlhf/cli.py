@@ -94,8 +94,17 @@ def evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 
+def train_now(args: argparse.Namespace) -> None:
+    from service.cli import train_now as start
+
+    start(args)
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train offline").add_subparsers(dest="train_command", required=True)
+    p = train.add_parser("now", help="start the online pipeline now (needs a running worker)")
+    p.set_defaults(func=train_now)
+
     p = train.add_parser("reward", help="train a reward model on exported feedback")
     p.add_argument("--data", required=True, help="JSONL from `chatloop feedback export`")
     p.add_argument("--out", help="output directory (default: DATA_DIR/reward_models/<time>)")

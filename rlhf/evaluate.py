@@ -98,21 +98,37 @@ def gate(metrics: dict[str, float], config: GateConfig) -> tuple[bool, list[str]
     return not reasons, reasons
 
 
-def compare(
-    base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn, prompts: list[Messages],
-    candidate_dir: Path, current_dir: Path | None, config: EvalConfig,
-) -> dict[str, float]:
-    """Both policies on the same prompts; the candidate and current adapters share one base in memory."""
-    if not prompts:
-        raise ValueError("no held-out prompts to evaluate on")
+def load_policies(base_model: PreTrainedModel, candidate_dir: Path, current_dir: Path | None) -> PeftModel:
+    """The candidate and (if given) the current adapter as "candidate" and "current" of one PeftModel:
+    one copy of the base in memory, with the reference (all adapters off) in it too."""
     model = PeftModel.from_pretrained(base_model, candidate_dir, adapter_name="candidate")
     model.eval()
     if current_dir is not None:
         model.load_adapter(current_dir, adapter_name="current")
+    return model
+
+
+def compare_policies(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn, prompts: list[Messages],
+    config: EvalConfig,
+) -> dict[str, float]:
+    """Both policies of load_policies' model on the same prompts; without a "current" adapter, the reference."""
+    if not prompts:
+        raise ValueError("no held-out prompts to evaluate on")
+    current_adapter = "current" if "current" in model.peft_config else None
     candidate = answer_policy(model, "candidate", tokenizer, prompts, reward_fn, config)
-    current = answer_policy(model, "current" if current_dir else None, tokenizer, prompts, reward_fn, config)
+    current = answer_policy(model, current_adapter, tokenizer, prompts, reward_fn, config)
     wins = (candidate["score"] > current["score"]).float() + 0.5 * (candidate["score"] == current["score"]).float()
     return {
         **summarise("candidate", candidate), **summarise("current", current),
         "eval/win_rate": wins.mean().item(), "eval/prompts": len(prompts),
     }
+
+
+def compare(
+    base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn, prompts: list[Messages],
+    candidate_dir: Path, current_dir: Path | None, config: EvalConfig,
+) -> dict[str, float]:
+    """Both policies on the same prompts; the candidate and current adapters share one base in memory."""
+    model = load_policies(base_model, candidate_dir, current_dir)
+    return compare_policies(model, tokenizer, reward_fn, prompts, config)

@@ -5,8 +5,9 @@
     evaluate_candidate(candidate)       -> metrics and the gate's accept/reject with reasons
 
 Each stage loads the base it needs itself, so a stage can run in a fresh process (a Celery worker
-child) with nothing but paths. Outputs are written under a temp name and renamed: a stage killed
-half way leaves nothing that looks finished.
+child) with nothing but paths, and only once: the reward model joins the policy's PeftModel as an
+adapter of its own, so PPO and evaluation hold one copy of the base weights. Outputs are written
+under a temp name and renamed: a stage killed half way leaves nothing that looks finished.
 """
 
 import json
@@ -15,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
-from rlhf.data import FeedbackData, Messages, build_datasets, load_records
-from rlhf.evaluate import EvalConfig, GateConfig, compare, gate
+from rlhf.data import FeedbackData, build_datasets, load_records
+from rlhf.evaluate import EvalConfig, GateConfig, compare_policies, gate, load_policies
 from rlhf.modeling import LoraSettings, load_base
 from rlhf.ppo import PPOConfig, PPOTrainer
 from rlhf.reward import META_FILE, RewardConfig, RewardModel, train_reward_model
@@ -54,19 +56,20 @@ def train_reward(
     return metrics
 
 
-def reward_fn_from(reward_dir: Path, base_path: Path):
-    """A PPO reward function backed by a saved reward model (on its own copy of the base)."""
-    base, tokenizer = load_base(base_path)
-    model = RewardModel.load(reward_dir, base)
-
-    def reward_fn(prompts: list[Messages], texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
-        return model.score_texts(tokenizer, prompts, texts)
-
-    return reward_fn
-
-
 def reward_data_path(reward_dir: Path) -> Path:
     return Path(json.loads((reward_dir / META_FILE).read_text())["metadata"]["data"])
+
+
+def ppo_trainer(
+    reward_dir: Path, base_path: Path, config: PPOConfig, init_adapter: Path | None = None
+) -> tuple[PPOTrainer, RewardModel]:
+    """A trainer whose reward model is one more adapter ("reward") of the policy's PeftModel: policy,
+    reference and reward model on one copy of the base weights."""
+    base, tokenizer = load_base(base_path)
+    trainer = PPOTrainer(base, tokenizer, None, config, init_adapter)
+    reward_model = RewardModel.load(reward_dir, trainer.policy)
+    trainer.reward_fn = reward_model.reward_fn(tokenizer)
+    return trainer, reward_model
 
 
 def train_policy(
@@ -77,14 +80,21 @@ def train_policy(
     data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
-    reward_fn = reward_fn_from(reward_dir, base_path)
-    base, tokenizer = load_base(base_path)
-    trainer = PPOTrainer(base, tokenizer, reward_fn, config.ppo, init_adapter)
+    trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter)
     report = (lambda i, stats: progress("ppo", i, config.ppo_iterations, stats)) if progress else None
     history = trainer.train(data.prompts, config.ppo_iterations, report)
     trainer.save_adapter(out_dir)
     (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(config.ppo), "history": history}, default=str))
     return history
+
+
+def eval_models(
+    reward_dir: Path, base_path: Path, candidate_dir: Path, current_adapter: Path | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase, RewardModel]:
+    """Candidate, current and reward model as three adapters of one PeftModel on one copy of the base."""
+    base, tokenizer = load_base(base_path)
+    model = load_policies(base, candidate_dir, current_adapter)
+    return model, tokenizer, RewardModel.load(reward_dir, model)
 
 
 def evaluate_candidate(
@@ -94,10 +104,9 @@ def evaluate_candidate(
     """The candidate against the current policy on held-out prompts; metrics plus the gate's verdict."""
     data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
     prompts = (data.heldout_prompts or data.prompts)[: config.max_eval_prompts]
-    reward_fn = reward_fn_from(reward_dir, base_path)
-    base, tokenizer = load_base(base_path)
+    model, tokenizer, reward_model = eval_models(reward_dir, base_path, candidate_dir, current_adapter)
     started = time.monotonic()
-    metrics = compare(base, tokenizer, reward_fn, prompts, candidate_dir, current_adapter, config.eval)
+    metrics = compare_policies(model, tokenizer, reward_model.reward_fn(tokenizer), prompts, config.eval)
     metrics["eval/seconds"] = time.monotonic() - started
     metrics["eval/heldout"] = float(bool(data.heldout_prompts))
     accepted, reasons = gate(metrics, config.gate)

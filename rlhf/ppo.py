@@ -129,10 +129,13 @@ def generate(
 
 class PPOTrainer:
     def __init__(
-        self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn,
+        self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reward_fn: RewardFn | None,
         config: PPOConfig, init_adapter_dir: Path | None = None,
     ) -> None:
-        """Wraps base_model in place with the trainable adapter: a copy of init_adapter_dir's, or a fresh one."""
+        """Wraps base_model in place with the trainable adapter: a copy of init_adapter_dir's, or a fresh one.
+
+        reward_fn may be set after construction instead, once self.policy exists: a reward model that joins
+        self.policy as an adapter of its own (rlhf.reward.RewardModel) shares its copy of the base weights."""
         torch.manual_seed(config.seed)
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
         if init_adapter_dir is not None:
@@ -168,8 +171,12 @@ class PPOTrainer:
         """One PPO iteration on one answer per prompt; returns the iteration's stats."""
         c = self.config
         start = time.perf_counter()
-        rollouts = self.sample(prompts)
+        answer_ids, batch = self.generate(prompts)
+        generated = time.perf_counter()
+        rollouts = self.recompute(prompts, answer_ids, batch)
+        recomputed = time.perf_counter()
         raw_scores, scores = self.score(rollouts)
+        scored = time.perf_counter()
         mask = rollouts.batch.response_mask
         rewards, kl = compute_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value)
         if c.whiten_rewards:
@@ -194,17 +201,27 @@ class PPOTrainer:
             "ppo/val/explained_variance": explained_variance(rollouts.values, returns, mask),
             "ppo/mean_length": lengths.mean().item(),
             "ppo/eos_fraction": rollouts.has_eos.float().mean().item(),
-            "time/rollout_s": rollout_s,
+            "time/rollout_s": rollout_s,  # the three below + rewards and advantages
+            "time/generate_s": generated - start,
+            "time/forward_s": recomputed - generated,  # logprobs, values and reference logprobs of the answers
+            "time/score_s": scored - recomputed,  # the reward function
             "time/update_s": update_s,
         }
         self.kl_ctl.update(mean_kl, len(prompts))
         return stats
 
-    @torch.no_grad()
     def sample(self, prompts: list[Messages]) -> Rollouts:
         """Sample one answer per prompt, then recompute logprobs, values and reference logprobs."""
-        c, tokenizer = self.config, self.tokenizer
-        answer_ids, batch = generate(self.policy, tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids)
+        return self.recompute(prompts, *self.generate(prompts))
+
+    def generate(self, prompts: list[Messages]) -> tuple[list[list[int]], TokenBatch]:
+        c = self.config
+        return generate(self.policy, self.tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids)
+
+    @torch.no_grad()
+    def recompute(self, prompts: list[Messages], answer_ids: list[list[int]], batch: TokenBatch) -> Rollouts:
+        """Logprobs, values and reference logprobs of sampled answers, in the trainer's own precision."""
+        c = self.config
         logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head)
         with self.policy.disable_adapter():
             ref_logits, _ = forward_answers(self.policy, batch, c.temperature)

@@ -6,6 +6,7 @@ same scalar, so they count too. PPO consumes normalised scores, gain * raw + bia
 bias set so the current policy's answers score mean 0, std 1 (lm-human-preferences; RLHF_NOTES).
 """
 
+import contextlib
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,11 +34,13 @@ from rlhf.modeling import (
     forward,
     last_token_index,
 )
+from rlhf.ppo import RewardFn
 
 FORMAT = "chatloop-reward-model/1"
 WEIGHTS_FILE = "reward_model.safetensors"
 META_FILE = "reward_model.json"
 HEAD_PREFIX = "head."
+ADAPTER = "reward"  # the reward model's adapter name, alone on its base or beside the policy's
 
 Progress = Callable[[int, int, dict], None]
 Tokenizer = PreTrainedTokenizerBase
@@ -73,24 +76,56 @@ def pointwise_loss(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(torch.nn.Module):
-    """Base LM + its own LoRA + a scalar head. Takes the base over: peft injects LoRA layers in
-    place, so give it a base of its own (rlhf.modeling.load_base), not the policy's."""
+    """Base LM + a LoRA adapter of its own + a scalar head.
 
-    def __init__(self, base: PreTrainedModel, config: RewardConfig):
+    Given a plain base, it wraps the base in place (peft injects LoRA layers) with its adapter as the
+    only one: the form to train it in (give it a base of its own, rlhf.modeling.load_base). Given a
+    PeftModel, the policy's, it joins it as one more adapter, frozen, and switches to it only while
+    scoring: policy, reference (all adapters disabled) and reward model then share one copy of the base.
+    """
+
+    def __init__(self, model: PreTrainedModel | PeftModel, config: RewardConfig, adapter_name: str = ADAPTER):
         super().__init__()
-        self.config = config
-        self.base_name = str(base.name_or_path)
-        hidden = base.config.hidden_size
+        self.config, self.adapter_name = config, adapter_name
+        self.shared = isinstance(model, PeftModel)
+        self.base_name = str(model.name_or_path)
+        hidden = model.config.hidden_size
         # peft initialises lora_A from the global RNG: seed it here without disturbing the caller's.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.body = get_peft_model(base, config.lora.peft_config())
+            if self.shared:
+                model.add_adapter(adapter_name, config.lora.peft_config())
+                model.set_requires_grad(adapter_name, requires_grad=False)  # PPO must never train it
+                self.body = model
+            else:
+                self.body = get_peft_model(model, config.lora.peft_config(), adapter_name=adapter_name)
             self.head = torch.nn.Linear(hidden, 1)
             # lm-human-preferences' init: unit-scale scores at the start, no offset.
             torch.nn.init.normal_(self.head.weight, std=(hidden + 1) ** -0.5)
             torch.nn.init.zeros_(self.head.bias)
-        self.head.to(base.device)
+        self.head.to(model.device)
+        if self.shared:
+            self.head.requires_grad_(False)
         self.gain, self.bias = 1.0, 0.0
+
+    @contextlib.contextmanager
+    def _own_adapter(self):
+        """On a shared PeftModel: this adapter active inside, the model's active adapter and every
+        requires_grad flag as they were afterwards (peft's set_adapter makes what it activates trainable)."""
+        if not self.shared:
+            yield
+            return
+        if not self.body.has_active_enabled_adapter:
+            raise RuntimeError("the reward model cannot score inside disable_adapter(): its own adapter is off too")
+        previous = self.body.active_adapter
+        trainable = [p for p in self.body.parameters() if p.requires_grad]
+        self.body.set_adapter(self.adapter_name, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.body.set_adapter(previous, inference_mode=True)
+            for p in trainable:
+                p.requires_grad_(True)
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +133,8 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """Raw scores. (B,)"""
-        out = forward(self.body, batch, hidden=True, logits_to_keep=1)  # logits unused: keep one column
+        with self._own_adapter():
+            out = forward(self.body, batch, hidden=True, logits_to_keep=1)  # logits unused: keep one column
         hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch)]  # (B, H)
         return self.head(last.float()).squeeze(-1)  # (B,)
@@ -161,7 +197,8 @@ class RewardModel(torch.nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.body).items()}
+            lora = get_peft_model_state_dict(self.body, adapter_name=self.adapter_name)  # keys without the name
+            tensors = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
             tensors |= {HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             meta = {
@@ -176,21 +213,34 @@ class RewardModel(torch.nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: Path, base_model: PreTrainedModel) -> "RewardModel":
+    def load(
+        cls, directory: Path, model: PreTrainedModel | PeftModel, adapter_name: str = ADAPTER
+    ) -> "RewardModel":
+        """A saved reward model on a plain base (taken over) or joining a PeftModel as adapter_name (see the class)."""
         directory = Path(directory)
         meta = json.loads((directory / META_FILE).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory}: not a reward model ({meta.get('format')!r}, expected {FORMAT!r})")
-        model = cls(base_model, RewardConfig.from_dict(meta["config"]))
-        tensors = load_file(directory / WEIGHTS_FILE, device=str(model.device))
-        model.head.load_state_dict({k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)})
+        reward_model = cls(model, RewardConfig.from_dict(meta["config"]), adapter_name)
+        tensors = load_file(directory / WEIGHTS_FILE, device=str(reward_model.device))
+        head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        reward_model.head.load_state_dict(head)
         lora = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
-        result = set_peft_model_state_dict(model.body, lora)
-        missing = [k for k in result.missing_keys if "lora_" in k]
+        result = set_peft_model_state_dict(reward_model.body, lora, adapter_name=adapter_name)
+        # Other adapters of a shared model are missing from this file by design: only this one's keys count.
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
         if result.unexpected_keys or missing:
             raise ValueError(f"{directory}: LoRA weights do not fit this base ({missing or result.unexpected_keys})")
-        model.gain, model.bias = meta["calibration"]["gain"], meta["calibration"]["bias"]
-        return model
+        reward_model.gain, reward_model.bias = meta["calibration"]["gain"], meta["calibration"]["bias"]
+        return reward_model
+
+    def reward_fn(self, tokenizer: Tokenizer) -> RewardFn:
+        """Normalised scores as a PPO/evaluation reward function (rlhf.ppo.RewardFn)."""
+
+        def reward_fn(prompts: list[Messages], texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
+            return self.score_texts(tokenizer, prompts, texts)
+
+        return reward_fn
 
 
 def _accuracy(wins: torch.Tensor) -> float:

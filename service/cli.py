@@ -134,6 +134,35 @@ async def adapters_rollback(args: argparse.Namespace, redis: Redis) -> None:
     print(f"rolled back to {await registry.rollback(redis)}")
 
 
+def worker(args: argparse.Namespace) -> None:
+    from workers.celery_app import app
+
+    settings = get_settings()
+    (settings.data_dir / "work").mkdir(parents=True, exist_ok=True)
+    # prefork, one task at a time, a fresh child per task: see workers/celery_app.py
+    app.worker_main(["worker", "--loglevel", settings.log_level.upper(), "--pool", "prefork", "--concurrency", "1",
+                     "--hostname", args.name])
+
+
+def beat(args: argparse.Namespace) -> None:
+    from workers.celery_app import app
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schedule = str(settings.data_dir / "celerybeat-schedule")
+    app.start(["beat", "--loglevel", settings.log_level.upper(), "--schedule", schedule])
+
+
+def train_now(args: argparse.Namespace) -> None:
+    from workers.celery_app import app
+    from workers.runs import start_pipeline
+
+    run_id = start_pipeline(app, get_settings(), trigger="cli")
+    if run_id is None:
+        raise SystemExit("a training run is already in progress")
+    print(f"started training run {run_id}; follow it with GET /admin/tasks/{run_id}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatloop", description="A chat assistant that learns from feedback.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=adapters_promote)
     adapters.add_parser("rollback", help="return to the previous production version").set_defaults(
         func=adapters_rollback
+    )
+
+    p = commands.add_parser("worker", help="start a Celery worker (runs training stages)")
+    p.add_argument("--name", default="chatloop@%h", help="worker hostname")
+    p.set_defaults(func=worker)
+    commands.add_parser("beat", help="start Celery beat (checks for new feedback on a schedule)").set_defaults(
+        func=beat
     )
 
     add_training_commands(commands)

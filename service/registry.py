@@ -140,3 +140,14 @@ async def rollback(redis: Redis) -> str:
         raise RegistryError("nothing to roll back to")
     await promote(redis, stack[-2], reason=f"rollback from {stack[-1]}", rollback=True)
     return stack[-2]
+
+
+async def export_dir(redis: Redis, raw_redis: Redis, version: str, dest: Path) -> Path:
+    """Write a version back out as a peft adapter directory (to train from it or evaluate it)."""
+    meta, blob = await metadata(redis, version), await weights(raw_redis, version)
+    if meta is None or blob is None:
+        raise RegistryError(f"no adapter version {version}")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / CONFIG_FILE).write_text(json.dumps(meta["adapter_config"]))
+    (dest / WEIGHTS_FILE).write_bytes(blob)
+    return dest

@@ -53,6 +53,27 @@ class Settings(BaseSettings):
     max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
 
+    # The online loop (workers)
+    retrain_every_s: int = Field(300, ge=1, description="How often beat checks whether to retrain.")
+    min_new_feedback: int = Field(20, ge=1, description="New feedback events that trigger a training run.")
+    pipeline_lock_ttl_s: int = Field(
+        900, ge=5, description="The training lock lapses this long after its holder's last sign of life."
+    )
+    task_soft_time_limit_s: int = Field(3600, ge=10, description="A training stage is asked to stop after this.")
+    task_time_limit_s: int = Field(3900, ge=10, description="A training stage is killed after this.")
+    task_visibility_timeout_s: int | None = Field(
+        None, ge=5, description="Unacked stages are redelivered after this (default: time limit + 5 min)."
+    )
+    reward_epochs: int = Field(2, ge=1, description="Reward model epochs per training run.")
+    ppo_iterations: int = Field(8, ge=1, description="PPO iterations per training run.")
+    ppo_batch_size: int = Field(16, ge=1, description="Prompts (answers) per PPO iteration.")
+    ppo_max_new_tokens: int = Field(64, ge=1, description="Answer length during PPO and evaluation.")
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts the gate evaluates on.")
+    gate_min_score_gain: float = Field(0.0, description="Candidate's mean reward must beat production's by more.")
+    gate_max_kl: float = Field(12.0, ge=0, description="Largest KL to the base (nats per answer) a candidate may have.")
+    gate_min_length_ratio: float = Field(0.5, ge=0, description="Candidate/production mean answer length floor.")
+    gate_min_win_rate: float = Field(0.0, ge=0, le=1, description="Reward-model win rate the candidate needs.")
+
     # LoRA shape for new adapters (training)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)

@@ -1,0 +1,70 @@
+"""Admin routes (admin API key always required): adapters, promotion, rollback, training runs."""
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service import registry
+from service.deps import AdminCaller, RedisDep, SettingsDep
+from service.errors import APIError
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.get("/adapters")
+async def list_adapters(caller: AdminCaller, redis: RedisDep) -> dict:
+    versions = [await registry.metadata(redis, v) for v in await registry.versions(redis)]
+    for meta in versions:
+        meta.pop("adapter_config", None)
+    return {"production": await registry.production(redis), "versions": versions,
+            "history": await registry.history(redis)}
+
+
+@router.post("/adapters/{version}/promote")
+async def promote(version: str, caller: AdminCaller, redis: RedisDep) -> dict:
+    try:
+        previous = await registry.promote(redis, version, reason=f"admin {caller.principal}")
+    except registry.RegistryError as exc:
+        raise APIError(404, str(exc), "version", "adapter_not_found") from None
+    return {"production": version, "previous": previous}
+
+
+@router.post("/rollback")
+async def rollback(caller: AdminCaller, redis: RedisDep) -> dict:
+    try:
+        return {"production": await registry.rollback(redis)}
+    except registry.RegistryError as exc:
+        raise APIError(409, str(exc), code="nothing_to_roll_back") from None
+
+
+@router.post("/train", status_code=202)
+async def train(caller: AdminCaller, settings: SettingsDep) -> JSONResponse:
+    from workers.celery_app import app
+    from workers.runs import start_pipeline
+
+    run_id = await asyncio.to_thread(start_pipeline, app, settings, f"admin {caller.principal}")
+    if run_id is None:
+        raise APIError(409, "a training run is already in progress", code="training_in_progress")
+    return JSONResponse({"run_id": run_id, "status": "queued"}, status_code=202)
+
+
+@router.get("/tasks/{run_id}")
+async def task(run_id: str, caller: AdminCaller, settings: SettingsDep) -> dict:
+    from workers.runs import client, get_run
+
+    run = await asyncio.to_thread(lambda: get_run(client(settings), run_id))
+    if run is None:
+        raise APIError(404, f"no training run {run_id!r}", "run_id", "run_not_found")
+    return run
+
+
+@router.get("/runs")
+async def runs(caller: AdminCaller, settings: SettingsDep) -> list[dict]:
+    from workers.runs import RUNS, client, get_run
+
+    def recent() -> list[dict]:
+        r = client(settings)
+        return [run for run_id in r.lrange(RUNS, 0, 19) if (run := get_run(r, run_id))]
+
+    return await asyncio.to_thread(recent)

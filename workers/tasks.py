@@ -1,0 +1,143 @@
+"""Celery tasks: thin stages of a training run. Each takes a run id, checks the lock, calls rlhf/ and
+records the result; every stage is idempotent (a redelivered stage that already finished returns)."""
+
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from service import feedback_store, registry
+from service.feedback_export import export_feedback
+from service.settings import Settings, get_settings
+from workers import runs
+from workers.celery_app import app
+
+FEEDBACK = "feedback.jsonl"
+
+
+def pipeline_config(settings: Settings):
+    from rlhf.pipeline import PipelineConfig, lora_settings
+
+    config = PipelineConfig()
+    config.reward.epochs = settings.reward_epochs
+    config.reward.lora = config.ppo.lora = lora_settings(
+        settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_target_modules
+    )
+    config.ppo_iterations = settings.ppo_iterations
+    config.ppo.batch_size = settings.ppo_batch_size
+    config.ppo.max_new_tokens = config.eval.max_new_tokens = settings.ppo_max_new_tokens
+    config.max_eval_prompts = settings.eval_prompts
+    config.gate.min_score_gain = settings.gate_min_score_gain
+    config.gate.max_kl = settings.gate_max_kl
+    config.gate.min_length_ratio = settings.gate_min_length_ratio
+    config.gate.min_win_rate = settings.gate_min_win_rate
+    return config
+
+
+def base_path(settings: Settings) -> Path:
+    from service.model import resolve_base_model
+
+    return resolve_base_model(settings)
+
+
+def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
+    """A registry version written out as a peft directory; None for the base (no adapter)."""
+    if version == registry.BASE:
+        return None
+    return runs.arun(settings, registry.export_dir, version, dest, raw=True)
+
+
+async def claim_feedback(redis: Redis, consumer: str) -> tuple[list[str], int]:
+    """The events this run covers, through the trainers' consumer group: first any a crashed run left
+    unacknowledged (only one run holds the lock, so every pending event is such a leftover), then the
+    new ones. They are acked when the run ends. Also the event count, the 'new since' baseline."""
+    ids = [i for i, _ in await feedback_store.claim_stale(redis, consumer, min_idle_ms=0, count=10_000)]
+    while batch := await feedback_store.read_new(redis, consumer, count=1000):
+        ids += [i for i, _ in batch]
+    return ids, (await feedback_store.stats(redis)).get("events", 0)
+
+
+async def finish_feedback(redis: Redis, event_ids: list[str], events_seen: int) -> None:
+    await feedback_store.ack(redis, event_ids)
+    await feedback_store.mark_trained(redis, events_seen)
+
+
+@app.task(name="chatloop.maybe_retrain")
+def maybe_retrain() -> dict:
+    """Beat's check: start a run when enough feedback arrived since the last one."""
+    settings = get_settings()
+    new = runs.arun(settings, feedback_store.stats).get("new_since_training", 0)
+    if new < settings.min_new_feedback:
+        return {"run_id": None, "reason": f"{new} new feedback events, {settings.min_new_feedback} needed"}
+    run_id = runs.start_pipeline(app, settings, trigger="schedule")
+    return {"run_id": run_id, "reason": f"{new} new feedback events" if run_id else "a run is in progress"}
+
+
+@app.task(bind=True, name="chatloop.train_reward")
+def train_reward(self, run_id: str) -> str:
+    from rlhf import pipeline
+
+    settings = get_settings()
+    with runs.stage(self, settings, run_id, "reward") as s:
+        if "reward_metrics" in s.run:
+            return run_id
+        event_ids, events_seen = runs.arun(settings, claim_feedback, f"run-{run_id}")
+        data = s.work / "data"
+        export = runs.arun(settings, export_feedback, data / FEEDBACK, "all")
+        metrics = pipeline.train_reward(data / FEEDBACK, base_path(settings), s.work / "rm", pipeline_config(settings),
+                                        s.progress)
+        runs.put_dir(settings, run_id, "data", data)
+        runs.put_dir(settings, run_id, "reward", s.work / "rm")
+        s.update(reward_metrics=metrics, export=export, event_ids=event_ids, events_seen=events_seen)
+    return run_id
+
+
+@app.task(bind=True, name="chatloop.train_policy")
+def train_policy(self, run_id: str) -> str:
+    from rlhf import pipeline
+
+    settings = get_settings()
+    with runs.stage(self, settings, run_id, "ppo") as s:
+        if "candidate" in s.run:
+            return run_id
+        reward = runs.get_dir(settings, run_id, "reward", s.work / "rm")
+        data = runs.get_dir(settings, run_id, "data", s.work / "data") / FEEDBACK
+        parent = runs.arun(settings, registry.production)
+        init = adapter_dir(settings, parent, s.work / "parent")
+        history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", pipeline_config(settings),
+                                        init, data, s.progress)
+        meta = {"parent": parent, "run_id": run_id, "reward_metrics": s.run["reward_metrics"], "ppo": history[-1]}
+        version = runs.arun(settings, registry.register_dir, s.work / "candidate", meta)
+        s.update(candidate=version, parent=parent, ppo=history[-1])
+    return run_id
+
+
+@app.task(bind=True, name="chatloop.evaluate")
+def evaluate(self, run_id: str) -> str:
+    from rlhf import pipeline
+
+    settings = get_settings()
+    with runs.stage(self, settings, run_id, "evaluate") as s:
+        if "evaluation" in s.run:
+            return run_id
+        reward = runs.get_dir(settings, run_id, "reward", s.work / "rm")
+        data = runs.get_dir(settings, run_id, "data", s.work / "data") / FEEDBACK
+        candidate = adapter_dir(settings, s.run["candidate"], s.work / "candidate")
+        current = adapter_dir(settings, s.run["parent"], s.work / "current")
+        result = pipeline.evaluate_candidate(candidate, reward, base_path(settings), pipeline_config(settings),
+                                             current, data)
+        s.update(evaluation=result)
+    return run_id
+
+
+@app.task(bind=True, name="chatloop.promote")
+def promote(self, run_id: str) -> str:
+    settings = get_settings()
+    with runs.stage(self, settings, run_id, "promote") as s:
+        evaluation, version = s.run["evaluation"], s.run["candidate"]
+        if evaluation["accepted"]:
+            runs.arun(settings, registry.promote, version, f"run {run_id}: passed the gate")
+        runs.arun(settings, finish_feedback, s.run["event_ids"], s.run["events_seen"])
+        s.update(status="promoted" if evaluation["accepted"] else "rejected", finished=time.time())
+        runs.release_lock(s.redis, run_id)
+    return run_id
