@@ -35,7 +35,12 @@ def configure(settings: Settings) -> Celery:
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
         beat_schedule={
-            "maybe-retrain": {"task": "chatloop.maybe_retrain", "schedule": float(settings.retrain_every_s)}
+            "maybe-retrain": {
+                "task": "chatloop.maybe_retrain",
+                "schedule": float(settings.retrain_every_s),
+                # A check that waited behind a training stage is stale: drop it rather than pile them up.
+                "options": {"expires": float(settings.retrain_every_s)},
+            }
         },
     )
     return app

@@ -14,6 +14,7 @@ import asyncio
 import json
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -148,6 +149,12 @@ def stage(task, settings: Settings, run_id: str, name: str) -> Iterator[Stage]:
     root = settings.data_dir / "work"
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{run_id}-{name}-", dir=root))
+    # The lock lives while this stage does: a heartbeat refreshes it, so only a dead worker lets it lapse.
+    stop = threading.Event()
+    heartbeat = threading.Thread(
+        target=_heartbeat, args=(settings, run_id, stop), name=f"lock-heartbeat-{run_id}", daemon=True
+    )
+    heartbeat.start()
     try:
         yield Stage(run_id, run, work, r, progress)
     except Ignore:
@@ -157,4 +164,12 @@ def stage(task, settings: Settings, run_id: str, name: str) -> Iterator[Stage]:
         release_lock(r, run_id)
         raise
     finally:
+        stop.set()
+        heartbeat.join()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _heartbeat(settings: Settings, run_id: str, stop: threading.Event) -> None:
+    r = client(settings)
+    while not stop.wait(settings.pipeline_lock_ttl_s / 3):
+        refresh_lock(r, run_id, settings.pipeline_lock_ttl_s)
