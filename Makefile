@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
-	$(BIN)/chatloop serve --host $(HOST) --port $(PORT)
+	CHATLOOP_HOST=$(HOST) CHATLOOP_PORT=$(PORT) $(BIN)/chatloop up
 
 test: install
 	$(BIN)/ruff check service workers rlhf tests bench

@@ -134,6 +134,12 @@ async def adapters_rollback(args: argparse.Namespace, redis: Redis) -> None:
     print(f"rolled back to {await registry.rollback(redis)}")
 
 
+def up(args: argparse.Namespace) -> None:
+    from service.launcher import up as launch
+
+    raise SystemExit(launch(get_settings()))
+
+
 def worker(args: argparse.Namespace) -> None:
     from workers.celery_app import app
 
@@ -207,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_parser("rollback", help="return to the previous production version").set_defaults(
         func=adapters_rollback
     )
+
+    commands.add_parser("up", help="run everything on this machine: Redis, API, worker, beat").set_defaults(func=up)
 
     p = commands.add_parser("worker", help="start a Celery worker (runs training stages)")
     p.add_argument("--name", default="chatloop@%h", help="worker hostname")

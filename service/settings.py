@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CHATLOOP_REDIS_URL", "REDIS_URL"),
         description="Redis for the completion log, feedback, keys and (later) adapters.",
     )
+    embedded_redis_port: int = Field(
+        6390, ge=1, le=65535, description="Port of the Redis `chatloop up` starts when no Redis URL is set."
+    )
     completion_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, description="How long answers nobody rated are kept; rated ones are kept for good."
     )
