@@ -183,11 +183,9 @@ class PPOTrainer:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam)
         advantages = whiten(advantages, mask)
-        rollout_s = time.perf_counter() - start
-
-        start = time.perf_counter()
+        advantaged = time.perf_counter()
         stats = self.train_minibatches(rollouts, advantages, returns)
-        update_s = time.perf_counter() - start
+        update_s = time.perf_counter() - advantaged
 
         mean_kl = kl.sum(-1).mean().item()
         lengths = mask.sum(-1).float()
@@ -201,7 +199,7 @@ class PPOTrainer:
             "ppo/val/explained_variance": explained_variance(rollouts.values, returns, mask),
             "ppo/mean_length": lengths.mean().item(),
             "ppo/eos_fraction": rollouts.has_eos.float().mean().item(),
-            "time/rollout_s": rollout_s,  # the three below + rewards and advantages
+            "time/rollout_s": advantaged - start,  # the three below + rewards and advantages
             "time/generate_s": generated - start,
             "time/forward_s": recomputed - generated,  # logprobs, values and reference logprobs of the answers
             "time/score_s": scored - recomputed,  # the reward function

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
-from service.routes import admin, chat, feedback, health, models
+from service.routes import admin, chat, feedback, health, models, web
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -25,6 +25,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.chatloop = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    for module in (health, models, chat, feedback, admin):
+    for module in (health, models, chat, feedback, admin, web):
         app.include_router(module.router)
     return app

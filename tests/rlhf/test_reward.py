@@ -1,5 +1,6 @@
-"""Reward model: losses against hand-computed values, calibration, save/load, and learning a
-synthetic preference (answers mentioning " banana") on the tiny random model."""
+"""Reward model: losses against hand-computed values, calibration, save/load, learning a synthetic
+preference (answers mentioning " banana") on the tiny random model, and living as an adapter of the
+policy's PeftModel (one copy of the base)."""
 
 import json
 import math
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 
 from rlhf.data import Pair, Thumb, build_datasets
-from rlhf.modeling import LoraSettings, load_base
+from rlhf.modeling import LoraSettings, build_batch, encode_answer, encode_prompt, forward, load_base
 from rlhf.reward import (
+    ADAPTER,
     META_FILE,
     WEIGHTS_FILE,
     RewardConfig,
@@ -22,6 +25,7 @@ from rlhf.reward import (
     pointwise_loss,
     train_reward_model,
 )
+from tests.conftest import make_adapter
 
 FILLER = [
     "apple", "river", "stone", "cloud", "green", "quiet", "table", "window", "garden", "yellow", "paper", "music",
@@ -63,6 +67,22 @@ def banana_thumbs(n: int, seed: int = 1) -> list[Thumb]:
             words.insert(rng.randint(0, len(words)), "banana")
         thumbs.append(Thumb(prompt(rng, i), " ".join(words), up))
     return thumbs
+
+
+def make_reward_model(model_dir: Path, out: Path, seed: int = 7, metadata: dict | None = None) -> Path:
+    """A saved reward model with random (non-zero) lora_B, so its adapter visibly changes its scores."""
+    model = RewardModel(load_base(model_dir)[0], FAST)
+    torch.manual_seed(seed)
+    for name, param in model.body.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.calibrate(torch.tensor([-1.0, 0.5, 2.0]))
+    return model.save(out, metadata)
+
+
+def policy_model(model_dir: Path, adapter_dir: Path) -> PeftModel:
+    """A trainable policy adapter on a fresh base, as PPOTrainer makes it."""
+    return PeftModel.from_pretrained(load_base(model_dir)[0], adapter_dir, is_trainable=True).eval()
 
 
 @pytest.fixture
@@ -179,3 +199,58 @@ def test_thumbs_alone_train_the_right_sign(base, tokenizer):
     raw_up = model.raw_scores(tokenizer, [t.prompt for t in up], [t.answer for t in up])
     raw_down = model.raw_scores(tokenizer, [t.prompt for t in down], [t.answer for t in down])
     assert raw_up.mean() > 0 > raw_down.mean()
+
+
+@pytest.fixture(scope="module")
+def saved_reward_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm") / "v1")
+
+
+@pytest.fixture(scope="module")
+def policy_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("policy") / "v1", seed=3)
+
+
+def test_shared_adapter_scores_equal_standalone(
+    tiny_model_dir, tokenizer, saved_reward_model, policy_adapter, tmp_path
+):
+    pairs = banana_pairs(10, seed=3)
+    prompts, answers = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    alone = RewardModel.load(saved_reward_model, load_base(tiny_model_dir)[0])
+    policy = policy_model(tiny_model_dir, policy_adapter)
+    shared = RewardModel.load(saved_reward_model, policy)
+    assert shared.shared and not alone.shared and shared.body is policy
+    assert set(policy.peft_config) == {"default", ADAPTER}
+    expected = alone.score_texts(tokenizer, prompts, answers)
+    assert torch.equal(shared.score_texts(tokenizer, prompts, answers), expected)
+    with alone.body.disable_adapter():  # not vacuous: the reward model's adapter matters
+        assert not torch.allclose(alone.score_texts(tokenizer, prompts, answers), expected, atol=1e-3)
+
+    # Saved from the shared model, the artefact is the standalone format, tensor for tensor.
+    out = shared.save(tmp_path / "again")
+    again, original = load_file(out / WEIGHTS_FILE), load_file(saved_reward_model / WEIGHTS_FILE)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_scoring_leaves_the_policy_as_it_was(tiny_model_dir, tokenizer, saved_reward_model, policy_adapter):
+    policy = policy_model(tiny_model_dir, policy_adapter)
+    pairs = banana_pairs(4, seed=4)
+    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in pairs]
+    batch = build_batch(prompt_ids, [encode_answer(tokenizer, p.chosen) for p in pairs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = forward(policy, batch).logits
+    flags = {name: p.requires_grad for name, p in policy.named_parameters()}
+
+    reward_model = RewardModel.load(saved_reward_model, policy)
+    reward_flags = {name: p.requires_grad for name, p in policy.named_parameters() if f".{ADAPTER}." in name}
+    assert reward_flags and not any(reward_flags.values())  # joins frozen
+    reward_model.raw_scores(tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
+
+    assert policy.active_adapter == "default"
+    after = {name: p.requires_grad for name, p in policy.named_parameters()}
+    assert after == flags | reward_flags  # the policy's LoRA still trainable, the rest (reward included) frozen
+    assert any(flags.values())
+    with torch.no_grad():
+        assert torch.equal(forward(policy, batch).logits, logits)
+    with policy.disable_adapter(), pytest.raises(RuntimeError, match="disable_adapter"):
+        reward_model.raw_scores(tokenizer, [pairs[0].prompt], [pairs[0].chosen])
