@@ -6,7 +6,9 @@ from fastapi import FastAPI
 
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
-from service.routes import admin, chat, feedback, health, models, web
+from service.logs import RequestIdMiddleware
+from service.metrics import MetricsMiddleware
+from service.routes import admin, chat, feedback, health, metrics, models
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -25,6 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.chatloop = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    for module in (health, models, chat, feedback, admin, web):
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every log line has the id
+    for module in (health, metrics, models, chat, feedback, admin):
         app.include_router(module.router)
     return app

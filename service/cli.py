@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 import json
-import logging
 from functools import partial
 from pathlib import Path
 
@@ -17,13 +16,15 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import configure as configure_logs
 
     settings = get_settings()
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(settings.log_level)
     print(f"chatloop: serving on http://{host}:{port}/v1 (model 'chatloop')", flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+    # log_config=None: uvicorn's own loggers go through the JSON handler too
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, log_config=None)
 
 
 def with_redis(command):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from service import metrics
 from service.completion_log import LoggedChoice
 from service.engine import Engine, EngineError, GenerationRequest, SamplingParams
 from service.errors import APIError, error_body
@@ -29,6 +30,24 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     n: int
+    arrived: float = 0.0  # time.perf_counter() when the request was prepared
+
+
+class Timing:
+    """Time to first token and decode speed of one request, into the Prometheus histograms."""
+
+    def __init__(self, arrived: float) -> None:
+        self.arrived, self.first = arrived, None
+
+    def text(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+            metrics.TTFT.observe(self.first - self.arrived)
+
+    def done(self, tokens: int) -> None:
+        metrics.COMPLETION_TOKENS.inc(tokens)
+        if self.first is not None and tokens > 1:
+            metrics.TOKENS_PER_S.observe(tokens / max(time.perf_counter() - self.first, 1e-6))
 
 
 OnDone = Callable[[list[LoggedChoice]], Awaitable[None]]
@@ -74,7 +93,7 @@ def prepare(
     )
     return Prepared(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, adapter=adapter,
-        messages=messages, prompt_ids=prompt_ids, params=params, n=body.n,
+        messages=messages, prompt_ids=prompt_ids, params=params, n=body.n, arrived=time.perf_counter(),
     )
 
 
@@ -95,14 +114,18 @@ async def complete(request: GenerationRequest, prepared: Prepared, on_done: OnDo
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
     tokens = 0
+    timing = Timing(prepared.arrived)
     try:
         async for delta in request.stream():
+            if delta.text:
+                timing.text()
             texts[delta.index] += delta.text
             if delta.finish_reason:
                 finish[delta.index] = delta.finish_reason
                 tokens += delta.completion_tokens
     except EngineError as exc:
         raise APIError(500, f"generation failed: {exc}") from exc
+    timing.done(tokens)
     await on_done(logged_choices(texts, finish))
     prompt = len(prepared.prompt_ids)
     return ChatCompletion(
@@ -135,11 +158,14 @@ async def stream_chunks(
     tokens = 0
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
+    timing = Timing(prepared.arrived)
+    metrics.ACTIVE_STREAMS.inc()
     try:
         for i in range(prepared.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for delta in request.stream():
             if delta.text:
+                timing.text()
                 texts[delta.index] += delta.text
                 yield chunk(delta.index, {"content": delta.text})
             if delta.finish_reason:
@@ -147,6 +173,7 @@ async def stream_chunks(
                 finish[delta.index] = delta.finish_reason
                 yield chunk(delta.index, {}, delta.finish_reason)
         # Logged before [DONE]: a client that saw the end of the stream can rate the answer at once.
+        timing.done(tokens)
         await on_done(logged_choices(texts, finish))
         if include_usage:
             prompt = len(prepared.prompt_ids)
@@ -156,6 +183,7 @@ async def stream_chunks(
     except EngineError as exc:
         yield _sse(error_body(500, f"generation failed: {exc}"))
     finally:
+        metrics.ACTIVE_STREAMS.dec()
         request.cancel()  # a no-op if it finished; stops the engine's work if the client went away
 
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from service import feedback_store
+from service import feedback_store, metrics
 from service.completion_log import CompletionRecord, get_completion
 from service.deps import FeedbackCaller, RedisDep, SettingsDep
 from service.errors import APIError
@@ -41,6 +41,7 @@ async def _cast(redis: Redis, event: FeedbackEvent) -> FeedbackReceipt:
     except feedback_store.CompletionGone:
         raise APIError(404, "a completion expired while recording the vote", "completion_id",
                        "completion_not_found") from None
+    metrics.FEEDBACK.labels(event.kind, status).inc()
     return FeedbackReceipt(id=event_id, status=status, pairs=len(event.pairs()))
 
 
