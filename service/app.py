@@ -8,7 +8,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.logs import RequestIdMiddleware
 from service.metrics import MetricsMiddleware
-from service.routes import admin, chat, feedback, health, metrics, models
+from service.routes import admin, chat, feedback, health, metrics, models, web
 from service.settings import Settings, get_settings
 from service.state import AppState
 
@@ -29,6 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every log line has the id
-    for module in (health, metrics, models, chat, feedback, admin):
+    for module in (health, metrics, models, chat, feedback, admin, web):
         app.include_router(module.router)
     return app

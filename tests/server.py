@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import redis
 
 
 def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str, str]:
@@ -29,8 +30,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log_path: Path, timeout_s: float = 180) -> Iterator[str]:
-    """Yield the server's base URL once /readyz says ready; stop the process afterwards."""
+def running_server(
+    env: dict[str, str], log_path: Path, timeout_s: float = 180, fresh_redis: bool = True
+) -> Iterator[str]:
+    """Yield the server's base URL once /readyz says ready; stop the process afterwards.
+
+    fresh_redis flushes the server's Redis database first, so nothing an earlier test module left
+    there (a production adapter pointer, say) leaks into this server's start.
+    """
+    if fresh_redis and "CHATLOOP_REDIS_URL" in env:
+        redis.Redis.from_url(env["CHATLOOP_REDIS_URL"]).flushdb()
     port = free_port()
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:

@@ -26,7 +26,7 @@ def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory, redis_url):
         [sys.executable, "-m", "service.cli", "adapters", "import", str(tiny_adapter_dir), "--version", "v1",
          "--promote"], env={**os.environ, **env}, check=True,
     )
-    with running_server(env, data / "server.log") as url:
+    with running_server(env, data / "server.log", fresh_redis=False) as url:
         yield url
 
 
