@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install browser run test lint bench clean
+.PHONY: install system-deps run test lint bench clean
 
 install: $(STAMP)
 
@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	CHATLOOP_HOST=$(HOST) CHATLOOP_PORT=$(PORT) $(BIN)/chatloop up
 
-# The browser test drives Debian's Chromium (playwright never downloads its own browser here).
-browser:
-	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+# System packages the tests drive: Debian's Chromium for the browser test (playwright never downloads
+# a browser of its own here) and nginx for the load-balancer config test.
+system-deps:
+	test -x /usr/bin/chromium -a -x /usr/sbin/nginx || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light)
 
-test: install browser
+test: install system-deps
 	$(BIN)/ruff check service workers rlhf tests bench
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
