@@ -35,9 +35,10 @@ class SlabLayer(DynamicLayer):
         return self.keys, self.values
 
     def _allocate(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
+        # Not zeroed: only the filled part is ever read.
         b, h, _, d = k.shape
-        self.slab_k = k.new_zeros((b, h, capacity, d))
-        self.slab_v = v.new_zeros((b, h, capacity, v.shape[-1]))
+        self.slab_k = k.new_empty((b, h, capacity, d))
+        self.slab_v = v.new_empty((b, h, capacity, v.shape[-1]))
 
     def _grow(self, capacity: int) -> None:
         old_k, old_v = self.slab_k, self.slab_v
@@ -47,6 +48,19 @@ class SlabLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def compact(self, rows: torch.Tensor, start: int, drop_left: int) -> None:
+        """Keep `rows`, of which the first `start` are already in place, and drop `drop_left` columns.
+
+        Done inside the slab, with no new allocation. The right side is gathered into a temporary
+        before the write, so rows that overlap their new place are safe.
+        """
+        b, n = len(rows), self.length - drop_left
+        self.slab_k[start:b, :, :n] = self.slab_k[rows[start:], :, drop_left : self.length]
+        self.slab_v[start:b, :, :n] = self.slab_v[rows[start:], :, drop_left : self.length]
+        self.slab_k, self.slab_v, self.length = self.slab_k[:b], self.slab_v[:b], n
+        self.keys = self.slab_k[:, :, :n]
+        self.values = self.slab_v[:, :, :n]
 
     def set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace the contents with (B, H, T, D) tensors, keeping headroom."""
@@ -70,8 +84,14 @@ class BatchCache(Cache):
 
     def select(self, rows: torch.Tensor, drop_left: int = 0) -> None:
         """Keep only `rows` (in that order) and drop the first `drop_left` columns (all padding)."""
+        start = 0  # rows that stay where they are need no copy (when no columns are dropped)
+        if drop_left == 0:
+            for row in rows.tolist():
+                if row != start:
+                    break
+                start += 1
         for layer in self.layers:
-            layer.set(layer.keys[rows, :, drop_left:], layer.values[rows, :, drop_left:])
+            layer.compact(rows, start, drop_left)
 
     def repeat_rows(self, repeats: torch.Tensor) -> None:
         """Row i becomes repeats[i] identical rows (n > 1 choices share one prefill)."""
