@@ -15,6 +15,7 @@ class LoggedChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
+    adapter: str | None = None  # set when choices came from different versions (the arena)
 
 
 class CompletionRecord(BaseModel):

@@ -11,6 +11,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from service import metrics
+from service.arena import MergedRequest
 from service.completion_log import LoggedChoice
 from service.engine import Engine, EngineError, GenerationRequest, SamplingParams
 from service.errors import APIError, error_body
@@ -31,6 +32,7 @@ class Prepared:
     params: SamplingParams
     n: int
     arrived: float = 0.0  # time.perf_counter() when the request was prepared
+    choice_adapters: list[str] | None = None  # the arena: choice i is answered by version i
 
 
 class Timing:
@@ -97,7 +99,12 @@ def prepare(
     )
 
 
-def submit(engine: Engine, prepared: Prepared) -> GenerationRequest:
+def submit(engine: Engine, prepared: Prepared) -> GenerationRequest | MergedRequest:
+    if prepared.choice_adapters:  # one engine request per version, merged into one answer with n choices
+        return MergedRequest([
+            engine.submit(GenerationRequest(prepared.prompt_ids, prepared.params, adapter=a, n=1, id=prepared.id))
+            for a in prepared.choice_adapters
+        ])
     return engine.submit(
         GenerationRequest(
             prompt_ids=prepared.prompt_ids, params=prepared.params, adapter=prepared.adapter, n=prepared.n,
@@ -106,11 +113,14 @@ def submit(engine: Engine, prepared: Prepared) -> GenerationRequest:
     )
 
 
-def logged_choices(texts: list[str], finish: list[str | None]) -> list[LoggedChoice]:
-    return [LoggedChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finish, strict=True))]
+def logged_choices(texts: list[str], finish: list[str | None], adapters: list[str] | None) -> list[LoggedChoice]:
+    return [
+        LoggedChoice(index=i, text=t, finish_reason=f, adapter=adapters[i] if adapters else None)
+        for i, (t, f) in enumerate(zip(texts, finish, strict=True))
+    ]
 
 
-async def complete(request: GenerationRequest, prepared: Prepared, on_done: OnDone) -> ChatCompletion:
+async def complete(request: GenerationRequest | MergedRequest, prepared: Prepared, on_done: OnDone) -> ChatCompletion:
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
     tokens = 0
@@ -126,7 +136,7 @@ async def complete(request: GenerationRequest, prepared: Prepared, on_done: OnDo
     except EngineError as exc:
         raise APIError(500, f"generation failed: {exc}") from exc
     timing.done(tokens)
-    await on_done(logged_choices(texts, finish))
+    await on_done(logged_choices(texts, finish, prepared.choice_adapters))
     prompt = len(prepared.prompt_ids)
     return ChatCompletion(
         id=prepared.id, created=prepared.created, model=prepared.model, system_fingerprint=prepared.adapter,
@@ -143,7 +153,7 @@ def _sse(payload: dict | str) -> str:
 
 
 async def stream_chunks(
-    request: GenerationRequest, prepared: Prepared, include_usage: bool, on_done: OnDone
+    request: GenerationRequest | MergedRequest, prepared: Prepared, include_usage: bool, on_done: OnDone
 ) -> AsyncIterator[str]:
     """SSE lines: the role first, then content deltas, a finish_reason per choice, usage, [DONE]."""
     head = {
@@ -174,7 +184,7 @@ async def stream_chunks(
                 yield chunk(delta.index, {}, delta.finish_reason)
         # Logged before [DONE]: a client that saw the end of the stream can rate the answer at once.
         timing.done(tokens)
-        await on_done(logged_choices(texts, finish))
+        await on_done(logged_choices(texts, finish, prepared.choice_adapters))
         if include_usage:
             prompt = len(prepared.prompt_ids)
             usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
@@ -188,7 +198,8 @@ async def stream_chunks(
 
 
 async def complete_unless_disconnected(
-    request: GenerationRequest, prepared: Prepared, on_done: OnDone, is_disconnected, poll_s: float = 0.05
+    request: GenerationRequest | MergedRequest, prepared: Prepared, on_done: OnDone, is_disconnected,
+    poll_s: float = 0.05,
 ) -> ChatCompletion | None:
     """Wait for the whole answer, cancelling generation if the client goes away first."""
     task = asyncio.create_task(complete(request, prepared, on_done))

@@ -81,7 +81,7 @@ def answer(record: CompletionRecord, index: int, param: str) -> AnswerRef:
         raise _unprocessable(f"completion {record.id} has {len(record.choices)} choice(s); no index {index}", param)
     choice = record.choices[index]
     return AnswerRef(
-        completion_id=record.id, choice_index=index, text=choice.text, adapter=record.adapter,
+        completion_id=record.id, choice_index=index, text=choice.text, adapter=choice.adapter or record.adapter,
         finish_reason=choice.finish_reason,
     )
 

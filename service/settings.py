@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     gate_max_kl: float = Field(12.0, ge=0, description="Largest KL to the base (nats per answer) a candidate may have.")
     gate_min_length_ratio: float = Field(0.5, ge=0, description="Candidate/production mean answer length floor.")
     gate_min_win_rate: float = Field(0.0, ge=0, le=1, description="Reward-model win rate the candidate needs.")
+    gate_arena_votes: int = Field(
+        0, ge=0, description="Live arena votes against production a candidate needs before promotion (0: none)."
+    )
+    gate_arena_min_win_rate: float = Field(0.5, ge=0, le=1, description="Arena win rate a candidate needs.")
 
     # LoRA shape for new adapters (training)
     lora_r: int = Field(16, ge=1)

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from service import feedback_store, registry
 from service.feedback_export import export_feedback
+from service.leaderboard import arena_outcomes, head_to_head
 from service.settings import Settings, get_settings
 from workers import runs
 from workers.celery_app import app
@@ -62,10 +63,41 @@ async def finish_feedback(redis: Redis, event_ids: list[str], events_seen: int) 
     await feedback_store.mark_trained(redis, events_seen)
 
 
+async def arena_record(redis: Redis, candidate: str) -> tuple[str, int, float]:
+    """(production, votes, candidate's win rate) in live comparisons of the candidate with production."""
+    production = await registry.production(redis)
+    events = [event for _, event in await feedback_store.all_events(redis)]
+    return production, *head_to_head(arena_outcomes(events), candidate, production)
+
+
+def settle_arena(settings: Settings) -> dict | None:
+    """Promote or reject the candidate waiting in the arena once it has enough votes; None if none waits."""
+    r = runs.client(settings)
+    waiting = [run for run_id in r.lrange(runs.RUNS, 0, 19)
+               if (run := runs.get_run(r, run_id)) and run.get("status") == "awaiting_arena"]
+    if not waiting:
+        return None
+    run = waiting[0]
+    production, votes, win_rate = runs.arun(settings, arena_record, run["candidate"])
+    verdict = {"run_id": run["id"], "votes": votes, "win_rate": win_rate}
+    if votes < settings.gate_arena_votes:
+        return verdict | {"status": "awaiting_arena"}
+    if win_rate >= settings.gate_arena_min_win_rate:
+        runs.arun(settings, registry.promote, run["candidate"], f"run {run['id']}: won the arena {win_rate:.2f}")
+        status = "promoted"
+    else:
+        status = "rejected"
+    runs.update_run(r, run["id"], status=status, arena={"votes": votes, "win_rate": win_rate, "against": production})
+    return verdict | {"status": status}
+
+
 @app.task(name="chatloop.maybe_retrain")
 def maybe_retrain() -> dict:
-    """Beat's check: start a run when enough feedback arrived since the last one."""
+    """Beat's check: settle a candidate waiting in the arena, else start a run when enough feedback arrived."""
     settings = get_settings()
+    arena = settle_arena(settings)
+    if arena is not None and arena["status"] == "awaiting_arena":
+        return {"run_id": None, "reason": f"a candidate is in the arena ({arena['votes']} votes)", "arena": arena}
     new = runs.arun(settings, feedback_store.stats).get("new_since_training", 0)
     if new < settings.min_new_feedback:
         return {"run_id": None, "reason": f"{new} new feedback events, {settings.min_new_feedback} needed"}
@@ -135,9 +167,14 @@ def promote(self, run_id: str) -> str:
     settings = get_settings()
     with runs.stage(self, settings, run_id, "promote") as s:
         evaluation, version = s.run["evaluation"], s.run["candidate"]
-        if evaluation["accepted"]:
+        if not evaluation["accepted"]:
+            status = "rejected"
+        elif settings.gate_arena_votes:
+            status = "awaiting_arena"  # served in the arena against production; beat settles it
+        else:
             runs.arun(settings, registry.promote, version, f"run {run_id}: passed the gate")
+            status = "promoted"
         runs.arun(settings, finish_feedback, s.run["event_ids"], s.run["events_seen"])
-        s.update(status="promoted" if evaluation["accepted"] else "rejected", finished=time.time())
+        s.update(status=status, finished=time.time())
         runs.release_lock(s.redis, run_id)
     return run_id

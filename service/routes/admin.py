@@ -5,9 +5,10 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service import registry
+from service import feedback_store, registry
 from service.deps import AdminCaller, RedisDep, SettingsDep
 from service.errors import APIError
+from service.leaderboard import arena_outcomes, leaderboard
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -36,6 +37,14 @@ async def rollback(caller: AdminCaller, redis: RedisDep) -> dict:
         return {"production": await registry.rollback(redis)}
     except registry.RegistryError as exc:
         raise APIError(409, str(exc), code="nothing_to_roll_back") from None
+
+
+@router.get("/leaderboard")
+async def arena_leaderboard(caller: AdminCaller, redis: RedisDep) -> dict:
+    """Adapter versions rated from arena votes (Bradley-Terry on an Elo scale, 95% bootstrap intervals)."""
+    events = [event for _, event in await feedback_store.all_events(redis)]
+    rows = await asyncio.to_thread(leaderboard, arena_outcomes(events))
+    return {"production": await registry.production(redis), "versions": rows}
 
 
 @router.post("/train", status_code=202)

@@ -1,11 +1,12 @@
 """POST /v1/chat/completions."""
 
 import logging
+import random
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service import completions
+from service import arena, completions
 from service.adapters import UnknownModel
 from service.completion_log import CompletionRecord, LoggedChoice, log_completion
 from service.deps import ChatCaller, ReadyDep
@@ -15,6 +16,7 @@ from service.schemas import ChatCompletion, ChatCompletionRequest
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["chat"])
 ADAPTER_HEADER = "X-Chatloop-Adapter"
+RNG = random.Random()
 LOGGED_PARAMS = {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n"}
 
 
@@ -22,12 +24,21 @@ LOGGED_PARAMS = {"temperature", "top_p", "max_tokens", "max_completion_tokens", 
 async def chat_completions(
     body: ChatCompletionRequest, http: Request, response: Response, state: ReadyDep, caller: ChatCaller
 ) -> ChatCompletion | StreamingResponse | Response:
-    try:
-        adapter = await state.adapters.adapter_for(body.model)
-    except UnknownModel:
-        raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
-    await state.adapters.ensure_loaded(adapter)
+    pair = None
+    if body.model == arena.ARENA_MODEL:
+        if body.n > 2:
+            raise APIError(400, "the arena answers with exactly two choices", "n")
+        pair, adapter = await arena.pick_pair(state.redis, state.adapters.production, RNG), arena.LABEL
+        body = body.model_copy(update={"n": 2})
+    else:
+        try:
+            adapter = await state.adapters.adapter_for(body.model)
+        except UnknownModel:
+            raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
+    for version in pair or [adapter]:
+        await state.adapters.ensure_loaded(version)
     prepared = completions.prepare(body, adapter, state.base.tokenizer, state.settings, state.engine.max_context)
+    prepared.choice_adapters = pair
 
     async def log_answer(choices: list[LoggedChoice]) -> None:
         record = CompletionRecord.build(

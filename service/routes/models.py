@@ -5,6 +5,7 @@ import time
 from fastapi import APIRouter
 
 from service.adapters import BASE_MODEL, PRODUCTION_MODEL
+from service.arena import ARENA_MODEL, LABEL
 from service.deps import CallerDep, ReadyDep
 from service.engine import BASE
 from service.schemas import ModelCard, ModelList
@@ -19,6 +20,7 @@ async def list_models(state: ReadyDep, caller: CallerDep) -> ModelList:
     cards = [
         ModelCard(id=PRODUCTION_MODEL, created=STARTED, adapter=adapters.production),
         ModelCard(id=BASE_MODEL, created=STARTED, adapter=BASE),
+        ModelCard(id=ARENA_MODEL, created=STARTED, adapter=LABEL),
     ]
     cards += [ModelCard(id=v, created=STARTED, adapter=v) for v in await adapters.versions()]
     return ModelList(data=cards)

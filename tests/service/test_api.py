@@ -48,7 +48,7 @@ def greedy(client, **kwargs):
 
 def test_models_lists_production_base_and_versions(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["chatloop", "chatloop-base", "v1"]
+    assert ids == ["chatloop", "chatloop-base", "chatloop-arena", "v1"]
 
 
 def test_non_stream_completion(client):

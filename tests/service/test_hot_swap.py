@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import json
 import time
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from service import registry
+from service.auth import create_key
 from tests.conftest import make_adapter
 from tests.server import running_server, tiny_server_env
 
@@ -119,3 +121,34 @@ async def test_canary_labels_never_lie_under_load(replicas, adapters, redis_url)
         await asyncio.sleep(0.3)
     stop.set()
     await asyncio.gather(*workers)
+
+
+def test_the_arena_pits_two_versions_and_reveals_them_after_the_vote(replicas, adapters, redis_url, redis_sync):
+    versions = asyncio.run(registered(redis_url, adapters))
+    asyncio.run(promote(redis_url, versions["a"]))
+    url = replicas[0]
+    wait_for(url, versions["a"])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="chatloop-arena", messages=MESSAGES, temperature=0, max_tokens=12
+    )
+    answer = raw.parse()
+    assert answer.system_fingerprint == "arena" and raw.headers["x-chatloop-adapter"] == "arena"
+    logged = json.loads(redis_sync.get(f"chatloop:completion:{answer.id}"))
+    served = [c["adapter"] for c in logged["choices"]]
+    assert sorted(served) == sorted([versions["a"], versions["b"]])  # production vs the newest other version
+    expected = {v: greedy(url, model=v)[1] for v in served}
+    assert [c.message.content for c in answer.choices] == [expected[v] for v in served]
+    receipt = httpx.post(f"{url}/v1/comparisons", json={"completion_id": answer.id, "preferred": 1}).json()
+    assert receipt["adapters"] == served
+    key = asyncio.run(admin_key(redis_url))
+    board = httpx.get(f"{url}/admin/leaderboard", headers={"Authorization": f"Bearer {key}"}).json()
+    top = board["versions"][0]
+    assert top["version"] == served[1] and top["votes"] == 1 and top["win_rate"] == 1.0
+
+
+async def admin_key(redis_url: str) -> str:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    key, _ = await create_key(client, "admin", "tests")
+    await client.aclose()
+    return key
