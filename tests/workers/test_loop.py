@@ -100,9 +100,10 @@ def runs(url: str, key: str) -> list[dict]:
 
 def test_feedback_leads_to_a_new_adapter_on_every_replica(env, tmp_path, redis_url):
     env = env | ACCEPT_ALL | {"CHATLOOP_RETRAIN_EVERY_S": "5"}
-    key = admin_key(redis_url)
     with contextlib.ExitStack() as stack:
-        replicas = [stack.enter_context(running_server(env, tmp_path / f"api{i}.log")) for i in range(2)]
+        replicas = [stack.enter_context(running_server(env, tmp_path / f"api{i}.log", fresh_redis=i == 0))
+                    for i in range(2)]
+        key = admin_key(redis_url)
         stack.enter_context(process("worker", env, tmp_path / "worker.log"))
         stack.enter_context(process("beat", env, tmp_path / "beat.log"))
         give_feedback(replicas[0])
@@ -130,8 +131,8 @@ def test_feedback_leads_to_a_new_adapter_on_every_replica(env, tmp_path, redis_u
 
 def test_a_rejected_candidate_is_never_promoted(env, tmp_path, redis_url):
     env = env | REJECT_ALL
-    key = admin_key(redis_url)
     with running_server(env, tmp_path / "api.log") as url, process("worker", env, tmp_path / "worker.log"):
+        key = admin_key(redis_url)
         give_feedback(url)
         response = httpx.post(f"{url}/admin/train", headers={"Authorization": f"Bearer {key}"})
         assert response.status_code == 202
@@ -145,9 +146,8 @@ def test_a_rejected_candidate_is_never_promoted(env, tmp_path, redis_url):
 def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(env, tmp_path, redis_url):
     lock_ttl_s = 12  # a heartbeat keeps a live stage's lock; this is how long a dead one's lingers
     env = env | ACCEPT_ALL | {"CHATLOOP_PIPELINE_LOCK_TTL_S": str(lock_ttl_s)}
-    key = admin_key(redis_url)
-    headers = {"Authorization": f"Bearer {key}"}
     with running_server(env, tmp_path / "api.log") as url:
+        headers = {"Authorization": f"Bearer {admin_key(redis_url)}"}
         give_feedback(url)
         with process("worker", env, tmp_path / "worker1.log") as worker:
             first = httpx.post(f"{url}/admin/train", headers=headers).json()["run_id"]
@@ -162,7 +162,7 @@ def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(e
         with process("worker", env, tmp_path / "worker2.log"):
             response = httpx.post(f"{url}/admin/train", headers=headers)
             assert response.status_code == 202, response.text
-            second = wait_run(url, key, response.json()["run_id"], FINISHED)
+            second = wait_run(url, headers["Authorization"][7:], response.json()["run_id"], FINISHED)
             assert second["status"] == "promoted"
             assert production(redis_url) == second["candidate"]
             killed = httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json()
