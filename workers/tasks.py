@@ -41,6 +41,12 @@ def base_path(settings: Settings) -> Path:
     return resolve_base_model(settings)
 
 
+def reward_and_data(settings: Settings, run_id: str, work: Path) -> tuple[Path, Path]:
+    """The reward model and the feedback file the run's first stage handed on, fetched into work/."""
+    reward = runs.get_dir(settings, run_id, "reward", work / "rm")
+    return reward, runs.get_dir(settings, run_id, "data", work / "data") / FEEDBACK
+
+
 def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
     """A registry version written out as a peft directory; None for the base (no adapter)."""
     if version == registry.BASE:
@@ -132,8 +138,7 @@ def train_policy(self, run_id: str) -> str:
     with runs.stage(self, settings, run_id, "ppo") as s:
         if "candidate" in s.run:
             return run_id
-        reward = runs.get_dir(settings, run_id, "reward", s.work / "rm")
-        data = runs.get_dir(settings, run_id, "data", s.work / "data") / FEEDBACK
+        reward, data = reward_and_data(settings, run_id, s.work)
         parent = runs.arun(settings, registry.production)
         init = adapter_dir(settings, parent, s.work / "parent")
         history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", pipeline_config(settings),
@@ -152,8 +157,7 @@ def evaluate(self, run_id: str) -> str:
     with runs.stage(self, settings, run_id, "evaluate") as s:
         if "evaluation" in s.run:
             return run_id
-        reward = runs.get_dir(settings, run_id, "reward", s.work / "rm")
-        data = runs.get_dir(settings, run_id, "data", s.work / "data") / FEEDBACK
+        reward, data = reward_and_data(settings, run_id, s.work)
         candidate = adapter_dir(settings, s.run["candidate"], s.work / "candidate")
         current = adapter_dir(settings, s.run["parent"], s.work / "current")
         result = pipeline.evaluate_candidate(candidate, reward, base_path(settings), pipeline_config(settings),
