@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import logging
 import queue
-import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from service.detokenizer import IncrementalDetokenizer
 from service.kv_cache import BatchCache
 from service.model import BaseModel
 from service.sampling import sample
+from service.threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,10 @@ class _Batch:
         self.last = torch.zeros(0, dtype=torch.long)  # (B,) token to feed next
         self.temperature = torch.zeros(0)  # (B,) sampling parameters, kept in step with the rows
         self.top_p = torch.zeros(0)  # (B,)
-        # transformers drops an all-true mask, and sdpa without a mask takes a GQA path that is 5-10x
-        # slower per decode step on CPU than the one it takes with a mask; a ready 4D boolean mask
-        # also skips transformers' mask building. Other attention kinds get the plain (B, T) mask.
+        # Without padding transformers drops the mask, and sdpa without one takes its enable_gqa path:
+        # 5-10x slower on CPU for a one-token query than the path it takes with a mask (1 stream: 30 vs
+        # 47 tokens/s). A ready 4D boolean mask also skips transformers' mask building. Eager attention
+        # wants a float mask of its own making, so other kinds get the plain (B, T) one.
         self.mask_4d = model.config._attn_implementation == "sdpa"
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -148,62 +149,6 @@ class _Batch:
         self.seqs = [self.seqs[i] for i in rows]
 
 
-class _ThreadTuner:
-    """Picks the engine thread's torch thread count by timing decode steps with each choice.
-
-    On the 2-core reference machine, 2 threads decode ~25 % faster than 1 while nothing else runs, and
-    5-10x slower while another process keeps a core busy: OpenMP workers spin between ops, the scheduler
-    hands their core to the other process, and every op then waits for them at a barrier. So the engine
-    now and then runs a few steps with the other count and keeps it if it was faster. Trying 1 thread is
-    cheap, so it happens often (contention is noticed within seconds); trying more is rare, for its bad
-    case is so bad.
-    """
-
-    TRIAL_STEPS = 3  # counted steps per trial, after one uncounted step that may build new kernels
-    ONE_THREAD_EVERY_S = 5.0
-    MORE_THREADS_EVERY_S = 30.0
-
-    def __init__(self, threads: int) -> None:
-        self.most = threads
-        self.chosen = threads
-        self.rows = 0  # batch size of the steps in `times`: steps are only compared at the same size
-        self.times: list[float] = []  # the latest steps with `chosen`
-        self.trial: list[float] | None = None  # steps with the other count, while trying it
-        self._set(threads)
-
-    def _other(self) -> int:
-        return 1 if self.chosen > 1 else self.most
-
-    def _set(self, threads: int) -> None:
-        torch.set_num_threads(threads)  # this thread's count only
-        wait = self.ONE_THREAD_EVERY_S if self._other() == 1 else self.MORE_THREADS_EVERY_S
-        self.next_trial = time.monotonic() + wait
-
-    def observe(self, seconds: float, rows: int) -> None:
-        """Account for one decode step over `rows` sequences; start, score or end a trial."""
-        if self.most == 1:
-            return
-        if rows != self.rows:
-            self.rows, self.times = rows, []
-            if self.trial is not None:
-                self.trial = None
-                self._set(self.chosen)
-            return
-        if self.trial is None:
-            self.times = [*self.times[-7:], seconds]
-            if len(self.times) >= 4 and time.monotonic() >= self.next_trial:
-                self.trial = []
-                torch.set_num_threads(self._other())
-            return
-        self.trial.append(seconds)
-        if len(self.trial) > self.TRIAL_STEPS:
-            if statistics.median(self.trial[1:]) < 0.9 * statistics.median(self.times):
-                self.chosen, self.times = self._other(), []
-                log.info("engine thread now uses %d torch thread(s)", self.chosen)
-            self.trial = None
-            self._set(self.chosen)
-
-
 class Engine:
     def __init__(self, base: BaseModel, max_batch_size: int = 32, max_context: int = 2048) -> None:
         self.base = base
@@ -219,7 +164,7 @@ class Engine:
         self._outbox: list[tuple[GenerationRequest, Delta | Exception]] = []
         self._thread: threading.Thread | None = None
         self._seed = itertools.count(int(time.time_ns() % 2**31))
-        self._threads = torch.get_num_threads()
+        self._threads = torch.get_num_threads()  # the most the engine thread uses (see ThreadTuner)
         self.steps = 0  # decode steps run, for metrics and tests
 
     # ---- called from the event loop / other threads ----
@@ -268,7 +213,7 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        tuner = _ThreadTuner(self._threads)
+        tuner = ThreadTuner(self._threads)
         with torch.inference_mode():
             while True:
                 if not self._batches and not self._waiting:

@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from service.lora import LoraAdapter, merged_weights
 from service.settings import Settings
+from service.threads import one_torch_thread
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +90,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 is 2-2.5x faster than fp32 on CPUs with AVX512-BF16/AMX (shared/PERFORMANCE.md), slower elsewhere.
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the calling thread's torch ops on one core, for one-off work outside the engine thread.
-
-    Each thread that runs a multi-threaded torch op keeps its own OpenMP worker threads for life. Once the
-    process holds more of them than there are cores, libgomp stops spin-waiting between parallel regions,
-    and every small op of the decode pays for waking a sleeping worker. Measured on 2 cores after loading
-    the model on 2 threads in another thread: bf16 decode-shaped matmuls 2x slower, a batch-1 decode step
-    30 ms instead of 21. Loading and merging on one thread keep the engine thread's workers the only ones.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # this thread's OpenMP/MKL setting; other running threads keep theirs
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass

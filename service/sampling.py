@@ -14,6 +14,13 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Zero every token outside the smallest set whose mass reaches top_p; rows are renormalised.
 
     probs: (B, V) rows summing to 1; top_p: (B,) in (0, 1]. The most likely token always survives.
+    """
+    kept = _nucleus(probs, top_p)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_p_filter without the renormalisation: probs outside the nucleus zeroed. (B, V)
 
     Sorting the whole vocabulary costs ~3 ms a row at 49152 tokens; topk of a few dozen a tenth of that.
     Once a row's top k hold at least top_p of its mass, every token past them is outside the nucleus,
@@ -31,7 +38,7 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         values = values.masked_fill(mass_before >= top_p[rows, None], 0.0)
         kept[rows[done, None], indices[done]] = values[done]
         rows, k = rows[~done], min(4 * k, probs.shape[-1])
-    return kept / kept.sum(dim=-1, keepdim=True)
+    return kept
 
 
 def sample(
@@ -54,12 +61,14 @@ def sample(
         return greedy
     if any_greedy or bool((temperature != 1).any()):
         weights.div_(torch.where(greedy_rows, torch.ones_like(temperature), temperature)[:, None])
-    # Softmax without its division: the draw below is scaled by each row's total instead.
+    # Softmax without its division: the draw below is scaled by each row's total, the end of its cdf.
     weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
     nucleus_rows = (top_p < 1).nonzero().squeeze(-1)
     if len(nucleus_rows):
-        probs = weights[nucleus_rows]
-        weights[nucleus_rows] = top_p_filter(probs / probs.sum(dim=-1, keepdim=True), top_p[nucleus_rows])
+        # Normalised by the end of the cdf, not by .sum(): torch splits a one-row sum across threads, so
+        # the row's draw would depend on what else is in the batch. Here all works row by row.
+        rows = weights[nucleus_rows]
+        weights[nucleus_rows] = _nucleus(rows / rows.cumsum(dim=-1)[:, -1:], top_p[nucleus_rows])
     cdf = weights.cumsum_(dim=-1)  # (B, V)
     u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device) * cdf[:, -1]  # (B,)
     drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)

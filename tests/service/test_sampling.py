@@ -64,3 +64,15 @@ def test_temperature_sharpens():
     cold = sample(logits, torch.full((3000,), 0.25), torch.ones(3000), _gens(*range(3000)))
     # p(token 0) = sigmoid(1 / 0.25) = 0.982
     assert (cold == 0).float().mean() > 0.96
+
+
+def test_top_p_filter_equals_a_full_sort_on_wide_and_peaked_rows():
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 5000) * 0.1, torch.randn(3, 5000) * 8])  # huge and tiny nuclei
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.5, 0.9, 0.99, 0.5, 0.9, 0.99])
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    expected = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(before >= top_p[:, None], 0))
+    expected = expected / expected.sum(-1, keepdim=True)
+    assert torch.allclose(top_p_filter(probs, top_p), expected, atol=1e-6)
