@@ -68,6 +68,11 @@ def get_run(r: redis.Redis, run_id: str) -> dict | None:
     return {k: json.loads(v) for k, v in raw.items()} or None
 
 
+def recent_runs(r: redis.Redis, limit: int = 20) -> list[dict]:
+    """The newest runs first."""
+    return [run for run_id in r.lrange(RUNS, 0, limit - 1) if (run := get_run(r, run_id))]
+
+
 def update_run(r: redis.Redis, run_id: str, **fields) -> None:
     r.hset(run_key(run_id), mapping={k: json.dumps(v, default=str) for k, v in fields.items()})
 

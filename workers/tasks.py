@@ -79,8 +79,7 @@ async def arena_record(redis: Redis, candidate: str) -> tuple[str, int, float]:
 def settle_arena(settings: Settings) -> dict | None:
     """Promote or reject the candidate waiting in the arena once it has enough votes; None if none waits."""
     r = runs.client(settings)
-    waiting = [run for run_id in r.lrange(runs.RUNS, 0, 19)
-               if (run := runs.get_run(r, run_id)) and run.get("status") == "awaiting_arena"]
+    waiting = [run for run in runs.recent_runs(r) if run.get("status") == "awaiting_arena"]
     if not waiting:
         return None
     run = waiting[0]

@@ -70,10 +70,6 @@ async def task(run_id: str, caller: AdminCaller, settings: SettingsDep) -> dict:
 
 @router.get("/runs")
 async def runs(caller: AdminCaller, settings: SettingsDep) -> list[dict]:
-    from workers.runs import RUNS, client, get_run
+    from workers.runs import client, recent_runs
 
-    def recent() -> list[dict]:
-        r = client(settings)
-        return [run for run_id in r.lrange(RUNS, 0, 19) if (run := get_run(r, run_id))]
-
-    return await asyncio.to_thread(recent)
+    return await asyncio.to_thread(lambda: recent_runs(client(settings)))

@@ -13,9 +13,11 @@ router = APIRouter(tags=["metrics"])
 
 
 async def last_finished_run(state) -> dict | None:
+    from workers.runs import RUNS, run_key  # here, as in routes/admin.py: Celery loads only when asked for
+
     redis = state.redis
-    for run_id in await redis.lrange("chatloop:runs", 0, 19):
-        run = {k: json.loads(v) for k, v in (await redis.hgetall(f"chatloop:run:{run_id}")).items()}
+    for run_id in await redis.lrange(RUNS, 0, 19):
+        run = {k: json.loads(v) for k, v in (await redis.hgetall(run_key(run_id))).items()}
         if run.get("status") in ("promoted", "rejected", "failed"):
             return run
     return None
