@@ -170,6 +170,44 @@ def train_now(args: argparse.Namespace) -> None:
     print(f"started training run {run_id}; follow it with GET /admin/tasks/{run_id}")
 
 
+def simulate(args: argparse.Namespace) -> None:
+    import logging
+    import signal
+
+    import httpx
+    import openai
+
+    from bench.preferences import get_preference, load_prompts
+    from bench.users import UserConfig, run_users
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for client in ("httpx", "httpx2"):  # feedback, chat (the openai client): a line per request buries progress
+        logging.getLogger(client).setLevel(logging.WARNING)
+    given = {"preference": args.preference, "compare_fraction": args.compare_fraction, "threshold": args.threshold,
+             "noise": args.noise, "max_tokens": args.max_tokens, "concurrency": args.users, "seed": args.seed}
+    config = UserConfig(**{name: value for name, value in given.items() if value is not None})
+    try:
+        get_preference(config.preference)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    prompts = load_prompts(args.prompts, "train")  # held-out prompts never get feedback
+    if not prompts:
+        raise SystemExit(f"no train-split prompts in {args.prompts}")
+    url = args.url or f"http://127.0.0.1:{get_settings().port}"
+
+    async def main():
+        stop = asyncio.Event()  # Ctrl-C ends the run cleanly, so the stats still print
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        return await run_users(url, prompts, config, stop=stop, max_events=args.events, duration_s=args.duration,
+                               api_key=args.api_key)
+
+    try:
+        stats = asyncio.run(main())
+    except (openai.APIStatusError, httpx.HTTPStatusError) as exc:  # retrying cannot help: a bad key, say
+        raise SystemExit(f"simulate stopped: {exc}") from None
+    print(json.dumps(stats.as_dict(), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatloop", description="A chat assistant that learns from feedback.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("beat", help="start Celery beat (checks for new feedback on a schedule)").set_defaults(
         func=beat
     )
+
+    # unset flags keep bench.users.UserConfig's defaults, so those are written in one place
+    p = commands.add_parser("simulate", help="simulated users chat with a running server and give feedback",
+                            epilog="defaults: UserConfig in bench/users.py")
+    p.add_argument("--url", help="the server (default: http://127.0.0.1:CHATLOOP_PORT)")
+    p.add_argument("--preference", help="what the users like: vader (warm answers) or concise "
+                   "(short answers that end properly)")
+    p.add_argument("--prompts", type=Path, help="prompt file, one a line (default: bench/prompts.txt); train split")
+    p.add_argument("--users", type=int, help="users talking at once")
+    p.add_argument("--compare-fraction", type=float, help="share of turns that compare two answers")
+    p.add_argument("--noise", type=float, help="probability a vote is flipped")
+    p.add_argument("--threshold", type=float, help="thumb up when an answer scores above this")
+    p.add_argument("--max-tokens", type=int, help="answer length limit")
+    p.add_argument("--events", type=int, help="stop after this many feedback events")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (neither: run until Ctrl-C)")
+    p.add_argument("--api-key", help="a chatloop key (default: none, anonymous; allowed on loopback)")
+    p.add_argument("--seed", type=int, help="the users' random seed")
+    p.set_defaults(func=simulate)
 
     add_training_commands(commands)
     return parser
