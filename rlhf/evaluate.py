@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.data import Messages
-from rlhf.modeling import token_logprobs
+from rlhf.modeling import Precision, token_logprobs
 from rlhf.ppo import RewardFn, eos_token_ids, forward_answers, generate
 from rlhf.ppo_math import kl_k1
 
@@ -27,6 +27,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
     seed: int = 0
+    precision: Precision = "bf16"
 
 
 @dataclass
@@ -50,10 +51,12 @@ def answer_policy(
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
         with _policy(model, adapter):
-            ids, batch = generate(model, tokenizer, chunk, config.temperature, config.max_new_tokens, eos)
-            logits, _ = forward_answers(model, batch, config.temperature)
+            ids, batch = generate(
+                model, tokenizer, chunk, config.temperature, config.max_new_tokens, eos, config.precision
+            )
+            logits, _ = forward_answers(model, batch, config.temperature, precision=config.precision)
         with model.disable_adapter():
-            ref_logits, _ = forward_answers(model, batch, config.temperature)
+            ref_logits, _ = forward_answers(model, batch, config.temperature, precision=config.precision)
         mask = batch.response_mask
         kls.append(kl_k1(token_logprobs(logits, batch.responses), token_logprobs(ref_logits, batch.responses), mask))
         texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]

@@ -22,7 +22,16 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.data import Messages
-from rlhf.modeling import LoraSettings, TokenBatch, build_batch, encode_prompt, forward, token_logprobs
+from rlhf.modeling import (
+    LoraSettings,
+    Precision,
+    TokenBatch,
+    autocast,
+    build_batch,
+    encode_prompt,
+    forward,
+    token_logprobs,
+)
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -61,6 +70,7 @@ class PPOConfig:
     missing_eos_penalty: float | None = -1.0  # score of an answer cut off at max_new_tokens; None keeps the RM's
     whiten_rewards: bool = False
     seed: int = 0
+    precision: Precision = "bf16"  # forward passes (sampling included) under bf16 autocast; see modeling.autocast
     lora: LoraSettings = field(default_factory=LoraSettings)  # for a fresh adapter; a loaded one keeps its own
 
 
@@ -90,13 +100,17 @@ class ValueHead(torch.nn.Module):
 
 
 def forward_answers(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float, value_head: ValueHead | None = None
+    model: torch.nn.Module, batch: TokenBatch, temperature: float, value_head: ValueHead | None = None,
+    precision: Precision = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tempered logits that predicted each answer token (B, R, V) and the values of those states (B, R).
 
     Only the last R + 1 positions get logits: a (B, P + R, V) tensor over prompts is wasted memory.
     """
-    out = forward(model, batch, hidden=value_head is not None, logits_to_keep=batch.response_mask.shape[1] + 1)
+    out = forward(
+        model, batch, hidden=value_head is not None, logits_to_keep=batch.response_mask.shape[1] + 1,
+        precision=precision,
+    )
     logits = out.logits[:, :-1].float() / temperature  # (B, R, V)
     values = None if value_head is None else value_head(out.hidden_states[-1][:, batch.prompt_len - 1 : -1].float())
     return logits, values
@@ -110,7 +124,7 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 @torch.no_grad()
 def generate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], temperature: float,
-    max_new_tokens: int, eos_ids: set[int],
+    max_new_tokens: int, eos_ids: set[int], precision: Precision = "fp32",
 ) -> tuple[list[list[int]], TokenBatch]:
     """Sample one answer per prompt (pure temperature sampling: no top-k/top-p, so logits / T is the
     distribution sampled from). Returns the answer ids (ending in EOS when produced) and their batch."""
@@ -118,11 +132,12 @@ def generate(
     prompt_ids = [encode_prompt(tokenizer, messages) for messages in prompts]
     inputs = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt")
     device = next(model.parameters()).device
-    output = model.generate(
-        input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
-    )
+    with autocast(precision, device):
+        output = model.generate(
+            input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
+            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
+        )
     answer_ids = [cut_at_eos(row.tolist(), eos_ids) for row in output[:, inputs["input_ids"].shape[1] :]]
     return answer_ids, build_batch(prompt_ids, answer_ids, pad_id).to(device)
 
@@ -214,15 +229,17 @@ class PPOTrainer:
 
     def generate(self, prompts: list[Messages]) -> tuple[list[list[int]], TokenBatch]:
         c = self.config
-        return generate(self.policy, self.tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids)
+        return generate(
+            self.policy, self.tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids, c.precision
+        )
 
     @torch.no_grad()
     def recompute(self, prompts: list[Messages], answer_ids: list[list[int]], batch: TokenBatch) -> Rollouts:
         """Logprobs, values and reference logprobs of sampled answers, in the trainer's own precision."""
         c = self.config
-        logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head)
+        logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
         with self.policy.disable_adapter():
-            ref_logits, _ = forward_answers(self.policy, batch, c.temperature)
+            ref_logits, _ = forward_answers(self.policy, batch, c.temperature, precision=c.precision)
         return Rollouts(
             prompts=prompts,
             answer_texts=[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids],
@@ -251,7 +268,7 @@ class PPOTrainer:
         for _ in range(c.ppo_epochs):
             for rows in torch.randperm(len(rollouts.prompts), device=self.device).split(c.minibatch_size):
                 batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
-                logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head)
+                logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
                 logprobs = token_logprobs(logits, batch.responses)  # (b, R)
                 pg_loss, clipfrac, approx_kl = policy_loss(
                     logprobs, rollouts.logprobs[rows], advantages[rows], mask, c.cliprange

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf.data import FeedbackData, Messages, Pair, Thumb, prompt_key
 from rlhf.modeling import (
     LoraSettings,
+    Precision,
     TokenBatch,
     build_batch,
     encode_answer,
@@ -57,6 +58,7 @@ class RewardConfig:
     max_grad_norm: float = 1.0
     score_batch_size: int = 32  # rows per forward pass when scoring without gradients
     seed: int = 0
+    precision: Precision = "bf16"  # the body's forward under bf16 autocast (modeling.autocast); the head is fp32
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     @classmethod
@@ -134,7 +136,8 @@ class RewardModel(torch.nn.Module):
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """Raw scores. (B,)"""
         with self._own_adapter():
-            out = forward(self.body, batch, hidden=True, logits_to_keep=1)  # logits unused: keep one column
+            # logits unused: keep one column
+            out = forward(self.body, batch, hidden=True, logits_to_keep=1, precision=self.config.precision)
         hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch)]  # (B, H)
         return self.head(last.float()).squeeze(-1)  # (B,)

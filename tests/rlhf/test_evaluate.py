@@ -6,7 +6,7 @@ from rlhf.modeling import load_base
 from tests.conftest import make_adapter
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about number {i}"}] for i in range(6)]
-CONFIG = EvalConfig(temperature=1.0, max_new_tokens=6, batch_size=4)
+CONFIG = EvalConfig(temperature=1.0, max_new_tokens=6, batch_size=4, precision="fp32")
 
 
 def length_reward(prompts, texts, ids):

@@ -31,7 +31,7 @@ def tiny_base(tiny_model_dir: Path):
 def tiny_config(**overrides) -> PPOConfig:
     settings = dict(
         batch_size=16, minibatch_size=8, lr=3e-3, max_new_tokens=8, temperature=0.1, init_kl_coef=0.05,
-        missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16),
+        missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16), precision="fp32",  # exact comparisons
     )
     return PPOConfig(**settings | overrides)
 
@@ -90,6 +90,20 @@ def test_reference_is_the_bare_base_and_the_policy_starts_as_the_adapter(tiny_ba
     expected_policy = answer_logprobs(production, rollouts.batch, trainer.config.temperature)
     torch.testing.assert_close(rollouts.logprobs * mask, expected_policy, atol=1e-5, rtol=1e-5)
     assert (expected_policy - expected_ref).abs().max() > 0.1  # the adapter really changes the model
+
+
+def test_bf16_precision_runs_the_forward_under_autocast(tiny_base):
+    """bf16 logprobs are close to fp32's but not equal: the autocast really applies (and only to the forward)."""
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config())
+    answer_ids, batch = trainer.generate(PROMPTS[:4])
+    fp32 = trainer.recompute(PROMPTS[:4], answer_ids, batch)
+    trainer.config.precision = "bf16"
+    bf16 = trainer.recompute(PROMPTS[:4], answer_ids, batch)
+    mask = batch.response_mask.bool()
+    difference = (fp32.logprobs - bf16.logprobs)[mask].abs()
+    assert 0 < difference.max() < 0.25
+    assert bf16.logprobs.dtype == bf16.values.dtype == torch.float32  # losses and heads stay fp32
 
 
 def test_sampler_and_trainer_use_the_same_temperature(tiny_base):

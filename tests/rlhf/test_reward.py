@@ -35,7 +35,9 @@ FILLER = [
 ]
 TOPICS = ["rivers", "clocks", "bridges", "gardens", "trains", "maps", "songs", "tools", "birds", "rooms"]
 # Short answers and a small LoRA with a large learning rate keep these tests fast on two cores.
-FAST = RewardConfig(lr=3e-3, epochs=3, batch_size=16, max_answer_tokens=16, lora=LoraSettings(r=8, alpha=16))
+FAST = RewardConfig(
+    lr=3e-3, epochs=3, batch_size=16, max_answer_tokens=16, lora=LoraSettings(r=8, alpha=16), precision="fp32"
+)
 
 
 def prompt(rng: random.Random, i: int) -> list[dict]:
