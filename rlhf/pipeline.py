@@ -1,7 +1,8 @@
 """The three training stages as functions of paths: what the CLI and the Celery tasks both call.
 
     train_reward(data.jsonl)            -> reward model directory (+ metrics)
-    train_policy(reward model, prompts) -> candidate adapter directory (+ per-iteration stats)
+    train_policy(reward model, prompts) -> candidate adapter directory (+ per-iteration stats): PPO against
+                                           the reward model, or (algorithm dpo|kto) TRL on the feedback itself
     evaluate_candidate(candidate)       -> metrics and the gate's accept/reject with reasons
 
 Each stage loads the base it needs itself, so a stage can run in a fresh process (a Celery worker
@@ -13,7 +14,7 @@ under a temp name and renamed: a stage killed half way leaves nothing that looks
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from peft import PeftModel
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.data import FeedbackData, build_datasets, load_records
 from rlhf.evaluate import EvalConfig, GateConfig, compare_policies, gate, load_policies
 from rlhf.modeling import LoraSettings, load_base
+from rlhf.offline import OfflineConfig, train_offline
 from rlhf.ppo import PPOConfig, PPOTrainer
 from rlhf.reward import META_FILE, RewardConfig, RewardModel, train_reward_model
 
@@ -31,10 +33,12 @@ STATS_FILE = "ppo_stats.json"
 
 @dataclass
 class PipelineConfig:
+    algorithm: str = "ppo"  # "ppo" | "dpo" | "kto": how train_policy updates the policy
     heldout_fraction: float = 0.1
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ppo_iterations: int = 8
+    offline: OfflineConfig = field(default_factory=OfflineConfig)  # DPO / KTO (offline.algorithm is set to match)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     max_eval_prompts: int = 64
@@ -76,8 +80,19 @@ def train_policy(
     reward_dir: Path, base_path: Path, out_dir: Path, config: PipelineConfig, init_adapter: Path | None = None,
     data_path: Path | None = None, progress: Progress | None = None,
 ) -> list[dict]:
-    """PPO against a reward model on the prompts users sent; the new adapter starts from init_adapter."""
+    """The new adapter, starting from init_adapter: PPO against the reward model on the prompts users sent,
+    or DPO / KTO (TRL) on the training side of the feedback itself; the reward model then only judges
+    the candidate in evaluate_candidate, the same gate for every algorithm."""
     data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
+    if config.algorithm in ("dpo", "kto"):
+        base, tokenizer = load_base(base_path)
+        offline = replace(config.offline, algorithm=config.algorithm)
+        report = (lambda step, total, logs: progress(config.algorithm, step, total, logs)) if progress else None
+        history = train_offline(base, tokenizer, data, offline, init_adapter, out_dir, report)
+        (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(offline), "history": history}, default=str))
+        return history
+    if config.algorithm != "ppo":
+        raise ValueError(f"unknown algorithm {config.algorithm!r}: ppo, dpo or kto")
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
     trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter)

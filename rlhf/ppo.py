@@ -39,6 +39,7 @@ from rlhf.ppo_math import (
     entropy_from_logits,
     gae,
     kl_k3,
+    leave_one_out,
     masked_var,
     policy_loss,
     value_loss,
@@ -51,7 +52,8 @@ RewardFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor]
 
 @dataclass
 class PPOConfig:
-    batch_size: int = 16  # answers per rollout batch (one per prompt)
+    batch_size: int = 16  # answers per rollout batch
+    group_size: int = 1  # answers per prompt in a batch; > 1 baselines each score on its siblings (leave_one_out)
     minibatch_size: int = 4
     ppo_epochs: int = 4
     lr: float = 1e-4
@@ -174,16 +176,20 @@ class PPOTrainer:
     ) -> list[dict[str, float]]:
         """`iterations` PPO steps on prompts drawn from the pool; progress(iteration, stats) after each."""
         history = []
+        group = self.config.group_size
+        if self.config.batch_size % group:
+            raise ValueError(f"batch_size {self.config.batch_size} is not a multiple of group_size {group}")
         for iteration in range(1, iterations + 1):
-            k = self.config.batch_size
+            k = self.config.batch_size // group
             prompts = self.rng.sample(prompt_pool, k) if len(prompt_pool) >= k else self.rng.choices(prompt_pool, k=k)
-            history.append(self.step(prompts))
+            history.append(self.step([p for p in prompts for _ in range(group)]))
             if progress is not None:
                 progress(iteration, history[-1])
         return history
 
     def step(self, prompts: list[Messages]) -> dict[str, float]:
-        """One PPO iteration on one answer per prompt; returns the iteration's stats."""
+        """One PPO iteration, one answer per entry of prompts (with group_size > 1: consecutive groups of that
+        many copies of one prompt); returns the iteration's stats."""
         c = self.config
         start = time.perf_counter()
         answer_ids, batch = self.generate(prompts)
@@ -193,7 +199,8 @@ class PPOTrainer:
         raw_scores, scores = self.score(rollouts)
         scored = time.perf_counter()
         mask = rollouts.batch.response_mask
-        rewards, kl = compute_rewards(scores, rollouts.logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value)
+        baselined = leave_one_out(scores, c.group_size)
+        rewards, kl = compute_rewards(baselined, rollouts.logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam)

@@ -24,6 +24,21 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score minus the mean of the other answers to the same prompt (RLOO's baseline, Ahmadian et al.
+    2024). scores (B,) hold consecutive groups of group_size answers to one prompt; group_size 1: unchanged.
+
+    What the prompt alone decides (an egg recipe is less warm than a birthday note) cancels out; what is
+    left is how this answer compares with its siblings: far less variance for a few hundred samples."""
+    if group_size == 1:
+        return scores
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view(-1)
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Scale to unit variance over the masked entries; also centre on 0 unless shift_mean is False.
 

@@ -92,6 +92,15 @@ def stop(children: list[tuple[str, subprocess.Popen]]) -> None:
         proc.wait()
 
 
+def child_env(env: dict[str, str], name: str) -> dict[str, str]:
+    """The worker trains on all cores but one unless told otherwise: on one machine the API needs a core, and
+    two torch processes spread over the same cores run several times slower than one on each (OpenMP
+    workers spin at barriers while the other process holds their core; PERFORMANCE.md, service/threads.py)."""
+    if name != "worker" or "CHATLOOP_TRAIN_THREADS" in env:
+        return env
+    return env | {"CHATLOOP_TRAIN_THREADS": str(max(1, (os.cpu_count() or 1) - 1))}
+
+
 def up(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     children: list[tuple[str, subprocess.Popen]] = []
@@ -115,7 +124,7 @@ def up(settings: Settings) -> int:
         key = first_admin_key(url)
         for name in ("serve", "worker", "beat"):
             command = [sys.executable, "-m", "service.cli", name]
-            children.append((name, subprocess.Popen(command, env=env, start_new_session=True)))
+            children.append((name, subprocess.Popen(command, env=child_env(env, name), start_new_session=True)))
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         print(f"chatloop: chat at http://{host}:{settings.port}/  (API: http://{host}:{settings.port}/v1)", flush=True)
         if key:

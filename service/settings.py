@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
 
     # The online loop (workers)
-    retrain_every_s: int = Field(300, ge=1, description="How often beat checks whether to retrain.")
-    min_new_feedback: int = Field(20, ge=1, description="New feedback events that trigger a training run.")
+    retrain_every_s: int = Field(60, ge=1, description="How often beat checks whether to retrain.")
+    min_new_feedback: int = Field(80, ge=1, description="New feedback events that trigger a training run.")
     pipeline_lock_ttl_s: int = Field(
         900, ge=5, description="The training lock lapses this long after its holder's last sign of life."
     )
@@ -67,11 +67,38 @@ class Settings(BaseSettings):
     task_visibility_timeout_s: int | None = Field(
         None, ge=5, description="Unacked stages are redelivered after this (default: time limit + 5 min)."
     )
-    reward_epochs: int = Field(2, ge=1, description="Reward model epochs per training run.")
+    algorithm: Literal["ppo", "dpo", "kto"] = Field(
+        "ppo", description="How the policy learns from feedback: PPO against the reward model, or TRL's DPO "
+        "(comparisons) or KTO (thumbs) directly on the logged feedback.",
+    )
+    train_precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Training forward passes under bf16 autocast (fp32 master weights), or plain fp32."
+    )
+    train_threads: int | None = Field(
+        None, ge=1, description="torch threads of a training stage (unset: all cores; `chatloop up` leaves "
+        "one core to the API).",
+    )
+    reward_epochs: int = Field(1, ge=1, description="Reward model epochs per training run.")
+    reward_lr: float = Field(3e-4, gt=0, description="Reward model learning rate (its LoRA and head).")
     ppo_iterations: int = Field(8, ge=1, description="PPO iterations per training run.")
     ppo_batch_size: int = Field(16, ge=1, description="Prompts (answers) per PPO iteration.")
+    ppo_group_size: int = Field(
+        4, ge=1, description="Answers per prompt in a PPO batch; each score is baselined on its siblings' mean "
+        "(RLOO), so the prompt's own effect cancels. 1: one answer per prompt.",
+    )
+    ppo_minibatch_size: int = Field(8, ge=1, description="Answers per PPO gradient step.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each PPO batch.")
+    ppo_lr: float = Field(3e-4, gt=0, description="Policy (LoRA) learning rate in PPO.")
+    ppo_kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token KL penalty to the base.")
     ppo_max_new_tokens: int = Field(64, ge=1, description="Answer length during PPO and evaluation.")
-    eval_prompts: int = Field(64, ge=1, description="Held-out prompts the gate evaluates on.")
+    ppo_missing_eos_penalty: float | None = Field(
+        None, description="Score of an answer cut off at the length limit (unset: the reward model's own). "
+        "Off by default: most SmolLM2 answers run past 64 tokens, so a penalty would teach brevity.",
+    )
+    offline_lr: float = Field(3e-4, gt=0, description="Policy learning rate of DPO/KTO.")
+    offline_epochs: int = Field(1, ge=1, description="DPO/KTO epochs over all logged feedback per run.")
+    offline_beta: float = Field(0.1, gt=0, description="DPO/KTO beta: how far from the base the policy may move.")
+    eval_prompts: int = Field(32, ge=1, description="Held-out prompts the gate evaluates on.")
     gate_min_score_gain: float = Field(0.0, description="Candidate's mean reward must beat production's by more.")
     gate_max_kl: float = Field(12.0, ge=0, description="Largest KL to the base (nats per answer) a candidate may have.")
     gate_min_length_ratio: float = Field(0.5, ge=0, description="Candidate/production mean answer length floor.")
@@ -90,6 +117,13 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _groups_fill_the_batch(self) -> "Settings":
+        if self.ppo_batch_size % self.ppo_group_size:
+            raise ValueError(f"CHATLOOP_PPO_BATCH_SIZE ({self.ppo_batch_size}) must be a multiple of "
+                             f"CHATLOOP_PPO_GROUP_SIZE ({self.ppo_group_size})")
+        return self
 
     @property
     def models_dir(self) -> Path:

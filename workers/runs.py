@@ -151,6 +151,10 @@ def stage(task, settings: Settings, run_id: str, name: str) -> Iterator[Stage]:
         update_run(r, run_id, progress=meta)
 
     update_run(r, run_id, status="running", stage=name, task_id=task.request.id)
+    if settings.train_threads:
+        import torch
+
+        torch.set_num_threads(settings.train_threads)
     root = settings.data_dir / "work"
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{run_id}-{name}-", dir=root))

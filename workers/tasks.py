@@ -19,14 +19,27 @@ FEEDBACK = "feedback.jsonl"
 def pipeline_config(settings: Settings):
     from rlhf.pipeline import PipelineConfig, lora_settings
 
-    config = PipelineConfig()
+    config = PipelineConfig(algorithm=settings.algorithm)
     config.reward.epochs = settings.reward_epochs
-    config.reward.lora = config.ppo.lora = lora_settings(
+    config.reward.lr = settings.reward_lr
+    config.reward.lora = config.ppo.lora = config.offline.lora = lora_settings(
         settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_target_modules
     )
+    config.reward.precision = config.ppo.precision = config.eval.precision = settings.train_precision
+    config.offline.bf16 = settings.train_precision == "bf16"
     config.ppo_iterations = settings.ppo_iterations
     config.ppo.batch_size = settings.ppo_batch_size
+    config.ppo.group_size = settings.ppo_group_size
+    config.ppo.minibatch_size = settings.ppo_minibatch_size
+    config.ppo.ppo_epochs = settings.ppo_epochs
+    config.ppo.lr = settings.ppo_lr
+    config.ppo.init_kl_coef = settings.ppo_kl_coef
+    config.ppo.missing_eos_penalty = settings.ppo_missing_eos_penalty
     config.ppo.max_new_tokens = config.eval.max_new_tokens = settings.ppo_max_new_tokens
+    config.offline.algorithm = settings.algorithm if settings.algorithm != "ppo" else "dpo"
+    config.offline.lr = settings.offline_lr
+    config.offline.epochs = settings.offline_epochs
+    config.offline.beta = settings.offline_beta
     config.max_eval_prompts = settings.eval_prompts
     config.gate.min_score_gain = settings.gate_min_score_gain
     config.gate.max_kl = settings.gate_max_kl
@@ -134,7 +147,7 @@ def train_policy(self, run_id: str) -> str:
     from rlhf import pipeline
 
     settings = get_settings()
-    with runs.stage(self, settings, run_id, "ppo") as s:
+    with runs.stage(self, settings, run_id, "policy") as s:
         if "candidate" in s.run:
             return run_id
         reward, data = reward_and_data(settings, run_id, s.work)
@@ -142,9 +155,10 @@ def train_policy(self, run_id: str) -> str:
         init = adapter_dir(settings, parent, s.work / "parent")
         history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", pipeline_config(settings),
                                         init, data, s.progress)
-        meta = {"parent": parent, "run_id": run_id, "reward_metrics": s.run["reward_metrics"], "ppo": history[-1]}
+        meta = {"parent": parent, "run_id": run_id, "algorithm": settings.algorithm,
+                "reward_metrics": s.run["reward_metrics"], "policy": history[-1] if history else {}}
         version = runs.arun(settings, registry.register_dir, s.work / "candidate", meta)
-        s.update(candidate=version, parent=parent, ppo=history[-1])
+        s.update(candidate=version, parent=parent, algorithm=settings.algorithm, policy=meta["policy"])
     return run_id
 
 

@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from rlhf.evaluate import EvalConfig, compare
 from rlhf.modeling import LoraSettings, load_base
-from rlhf.pipeline import PipelineConfig, eval_models, evaluate_candidate, load_feedback, ppo_trainer
+from rlhf.pipeline import (
+    STATS_FILE,
+    PipelineConfig,
+    eval_models,
+    evaluate_candidate,
+    load_feedback,
+    ppo_trainer,
+    train_policy,
+)
 from rlhf.ppo import PPOConfig, PPOTrainer
 from rlhf.reward import ADAPTER, RewardModel
 from tests.conftest import make_adapter
@@ -19,7 +28,7 @@ from tests.rlhf.test_reward import make_reward_model
 
 CONFIG = PPOConfig(
     batch_size=8, minibatch_size=4, ppo_epochs=1, lr=3e-3, max_new_tokens=8, temperature=0.7,
-    missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16),
+    missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16), precision="fp32",
 )
 
 
@@ -107,7 +116,7 @@ def test_evaluation_with_the_shared_reward_model(tiny_model_dir, reward_dir, fee
     assert reward_model.body is model and set(model.peft_config) == {"candidate", "current", ADAPTER}
     assert len(base_weights(model, reward_model)) == len(base_weights(load_base(tiny_model_dir)[0]))
 
-    config = PipelineConfig(heldout_fraction=0.0, eval=EvalConfig(max_new_tokens=6, batch_size=4))
+    config = PipelineConfig(heldout_fraction=0.0, eval=EvalConfig(max_new_tokens=6, batch_size=4, precision="fp32"))
     result = evaluate_candidate(candidate, reward_dir, tiny_model_dir, config, current)
     prompts = load_feedback(feedback_file, 0.0).prompts  # no held-out side: all of them, in this order
     assert result["metrics"]["eval/prompts"] == len(PROMPTS) and isinstance(result["accepted"], bool)
@@ -117,3 +126,28 @@ def test_evaluation_with_the_shared_reward_model(tiny_model_dir, reward_dir, fee
     separate = compare(base, tokenizer, alone.reward_fn(tokenizer), prompts, candidate, current, config.eval)
     for key, value in separate.items():
         assert result["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_train_policy_runs_the_chosen_algorithm(algorithm, tiny_model_dir, reward_dir, feedback_file, tmp_path):
+    """algorithm dpo|kto trains on the feedback itself (the reward model only judges later), from the parent."""
+    parent = make_adapter(tiny_model_dir, tmp_path / "parent", seed=5, b_std=0.05)
+    config = PipelineConfig(algorithm=algorithm, heldout_fraction=0.0)
+    config.offline.max_answer_tokens, config.offline.bf16 = 16, False
+    seen = []
+    history = train_policy(reward_dir, tiny_model_dir, tmp_path / "cand", config, parent, feedback_file,
+                           lambda stage, step, total, logs: seen.append((stage, step, total)))
+    assert history and seen and seen[-1][0] == algorithm and seen[-1][1] == seen[-1][2]
+    stats = json.loads((tmp_path / "cand" / STATS_FILE).read_text())
+    assert stats["config"]["algorithm"] == algorithm
+    assert sorted(p.name for p in (tmp_path / "cand").iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", STATS_FILE])
+    trained = PeftModel.from_pretrained(load_base(tiny_model_dir)[0], tmp_path / "cand")
+    start = PeftModel.from_pretrained(load_base(tiny_model_dir)[0], parent)
+    weights = {n: p for n, p in trained.named_parameters() if "lora_B" in n}
+    assert any(not torch.equal(p, dict(start.named_parameters())[n]) for n, p in weights.items())
+
+
+def test_train_policy_rejects_an_unknown_algorithm(tiny_model_dir, reward_dir, feedback_file, tmp_path):
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        train_policy(reward_dir, tiny_model_dir, tmp_path / "c", PipelineConfig(algorithm="sft"), None, feedback_file)

@@ -13,6 +13,7 @@ from rlhf.ppo_math import (
     gae,
     kl_k1,
     kl_k3,
+    leave_one_out,
     masked_mean,
     masked_var,
     policy_loss,
@@ -173,3 +174,13 @@ def test_adaptive_kl_controller(current_kl, expected):
     controller = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     controller.update(current_kl, n_steps=1000)
     assert controller.value == pytest.approx(expected)
+
+
+def test_leave_one_out_baselines_each_answer_on_its_siblings():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    close(leave_one_out(scores, 2), [1 - 2, 2 - 1, 3 - 6, 6 - 3])
+    # groups of 4: 1 - (2+3+6)/3 = -8/3, 2 - 10/3 = -4/3, 3 - 9/3 = 0, 6 - 6/3 = 4
+    close(leave_one_out(scores, 4), [-8 / 3, -4 / 3, 0.0, 4.0])
+    close(leave_one_out(scores, 1), [1.0, 2.0, 3.0, 6.0])
+    with pytest.raises(ValueError, match="groups of 3"):
+        leave_one_out(scores, 3)

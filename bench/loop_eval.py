@@ -1,0 +1,64 @@
+"""Held-out evaluation of the policies a learning run promoted, scored by the simulated users' preference.
+
+Every policy (the base and each promoted adapter, all on one copy of the base weights) answers the same
+held-out prompts, which no simulated user ever sent, with the same seed, at the service's sampling
+settings. Reported per policy: mean preference score (for "vader", the mean VADER compound), KL to the
+base (k1, nats per answer, on the policy's own samples), mean answer length in tokens and the fraction
+of answers that end with EOS rather than at the length limit.
+"""
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from bench.preferences import get_preference
+from rlhf.evaluate import EvalConfig, answer_policy
+from rlhf.modeling import LoraSettings, load_base
+from rlhf.ppo import RewardFn, eos_token_ids
+
+
+def preference_reward(name: str, eos_ids: set[int]) -> RewardFn:
+    """The users' preference as a reward function: answers that stopped at EOS finished with "stop"."""
+    preference = get_preference(name)
+
+    def score(prompts: list, texts: list[str], ids: list[list[int]]) -> torch.Tensor:
+        reasons = ["stop" if answer and answer[-1] in eos_ids else "length" for answer in ids]
+        return torch.tensor([preference(t, r) for t, r in zip(texts, reasons, strict=True)])
+
+    return score
+
+
+def load_policies(base_path: Path, adapters: dict[str, Path]) -> tuple[PeftModel, object]:
+    """One PeftModel holding every adapter under its version name; with none, a zero LoRA (= the base)."""
+    base, tokenizer = load_base(base_path)
+    if not adapters:
+        return get_peft_model(base, LoraSettings().peft_config()).eval(), tokenizer
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval(), tokenizer
+
+
+def evaluate_policies(
+    base_path: Path, adapters: dict[str, Path], prompts: list[str], preference: str, samples: int = 2,
+    config: EvalConfig | None = None,
+) -> dict[str, dict[str, float]]:
+    """{"base": metrics, version: metrics, ...}: score, kl, length, eos (means) and n (answers)."""
+    config = config or EvalConfig()
+    model, tokenizer = load_policies(base_path, adapters)
+    reward = preference_reward(preference, eos_token_ids(model, tokenizer))
+    conversations = [[{"role": "user", "content": p}] for p in prompts for _ in range(samples)]
+    results = {}
+    for name in [None, *adapters]:
+        stats = answer_policy(model, name, tokenizer, conversations, reward, config)
+        results[name or "base"] = {
+            "score": stats["score"].mean().item(),
+            "score_se": (stats["score"].std() / len(stats["score"]) ** 0.5).item(),
+            "kl": stats["kl"].mean().item(),
+            "length": stats["length"].mean().item(),
+            "eos": stats["eos"].mean().item(),
+            "n": len(stats["score"]),
+        }
+    return results
