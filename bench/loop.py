@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -189,16 +190,18 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=30, help="learning time per algorithm")
     parser.add_argument("--generations", type=int, default=3, help="stop after this many promotions")
     parser.add_argument("--preference", default="vader", choices=["vader", "concise"])
-    parser.add_argument("--users", type=int, default=4, help="simulated users talking at once")
-    parser.add_argument("--think-time", type=float, default=5.0, help="mean seconds between a user's turns")
+    parser.add_argument("--users", type=int, default=8, help="simulated users talking at once")
+    parser.add_argument("--think-time", type=float, default=1.0, help="mean seconds between a user's turns")
     parser.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts per policy")
     parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Settings().data_dir / "bench-loop")
     parser.add_argument("--write", action="store_true", help="render bench/RESULTS.md and docs/learning_curve.png")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the stack too (run_algorithm's finally)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # one line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     base_model = resolve_base_model(Settings())
     config = LoopConfig(
         work_dir=args.work_dir, budget_s=args.budget_min * 60, generations=args.generations,

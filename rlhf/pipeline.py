@@ -35,6 +35,7 @@ STATS_FILE = "ppo_stats.json"
 class PipelineConfig:
     algorithm: str = "ppo"  # "ppo" | "dpo" | "kto": how train_policy updates the policy
     heldout_fraction: float = 0.1
+    max_records: int = 0  # train on the newest this many feedback records (0: all)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ppo_iterations: int = 8
@@ -44,15 +45,17 @@ class PipelineConfig:
     max_eval_prompts: int = 64
 
 
-def load_feedback(data_path: Path, heldout_fraction: float) -> FeedbackData:
-    return build_datasets(load_records(data_path), heldout_fraction)
+def load_feedback(data_path: Path, heldout_fraction: float, max_records: int = 0) -> FeedbackData:
+    """The feedback file's records (the newest max_records of them, if set; the export is oldest first)."""
+    records = load_records(data_path)
+    return build_datasets(records[-max_records:] if max_records else records, heldout_fraction)
 
 
 def train_reward(
     data_path: Path, base_path: Path, out_dir: Path, config: PipelineConfig, progress: Progress | None = None
 ) -> dict:
     """Train a reward model on an exported feedback file; returns its metrics."""
-    data = load_feedback(data_path, config.heldout_fraction)
+    data = load_feedback(data_path, config.heldout_fraction, config.max_records)
     base, tokenizer = load_base(base_path)
     report = (lambda step, total, m: progress("reward", step, total, m)) if progress else None
     model, metrics = train_reward_model(base, tokenizer, data, config.reward, report)
@@ -83,7 +86,7 @@ def train_policy(
     """The new adapter, starting from init_adapter: PPO against the reward model on the prompts users sent,
     or DPO / KTO (TRL) on the training side of the feedback itself; the reward model then only judges
     the candidate in evaluate_candidate, the same gate for every algorithm."""
-    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.max_records)
     if config.algorithm in ("dpo", "kto"):
         base, tokenizer = load_base(base_path)
         offline = replace(config.offline, algorithm=config.algorithm)
@@ -117,7 +120,7 @@ def evaluate_candidate(
     data_path: Path | None = None,
 ) -> dict:
     """The candidate against the current policy on held-out prompts; metrics plus the gate's verdict."""
-    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction)
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.max_records)
     prompts = (data.heldout_prompts or data.prompts)[: config.max_eval_prompts]
     model, tokenizer, reward_model = eval_models(reward_dir, base_path, candidate_dir, current_adapter)
     started = time.monotonic()

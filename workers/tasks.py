@@ -19,9 +19,10 @@ FEEDBACK = "feedback.jsonl"
 def pipeline_config(settings: Settings):
     from rlhf.pipeline import PipelineConfig, lora_settings
 
-    config = PipelineConfig(algorithm=settings.algorithm)
+    config = PipelineConfig(algorithm=settings.algorithm, max_records=settings.train_window)
     config.reward.epochs = settings.reward_epochs
     config.reward.lr = settings.reward_lr
+    config.reward.batch_size = settings.reward_batch_size
     config.reward.lora = config.ppo.lora = config.offline.lora = lora_settings(
         settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_target_modules
     )
