@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
+ALGORITHMS ?= ppo dpo kto
 
-.PHONY: install system-deps run test lint bench clean
+.PHONY: install system-deps run test lint bench bench-loop clean
 
 install: $(STAMP)
 
@@ -38,6 +39,11 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench.serve
+
+# The learning benchmark: ~35 min per algorithm on the 2-core reference machine (30 min of learning, then
+# the held-out evaluation); writes bench/results/loop-*.json, bench/RESULTS.md and docs/learning_curve.png.
+bench-loop: install
+	$(BIN)/python -m bench.loop --algorithm $(ALGORITHMS) --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -121,12 +121,15 @@ def evaluate_candidate(
 ) -> dict:
     """The candidate against the current policy on held-out prompts; metrics plus the gate's verdict."""
     data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.max_records)
-    prompts = (data.heldout_prompts or data.prompts)[: config.max_eval_prompts]
+    # Held-out prompts first; when they are few (a tenth of a young run's prompts is a handful), training
+    # prompts fill up to max_eval_prompts: a verdict on 7 answers is a coin toss, and the candidate's answers
+    # are fresh samples either way.
+    prompts = [*data.heldout_prompts, *data.prompts][: config.max_eval_prompts]
     model, tokenizer, reward_model = eval_models(reward_dir, base_path, candidate_dir, current_adapter)
     started = time.monotonic()
     metrics = compare_policies(model, tokenizer, reward_model.reward_fn(tokenizer), prompts, config.eval)
     metrics["eval/seconds"] = time.monotonic() - started
-    metrics["eval/heldout"] = float(bool(data.heldout_prompts))
+    metrics["eval/heldout"] = min(len(data.heldout_prompts), len(prompts)) / len(prompts)  # held-out share
     accepted, reasons = gate(metrics, config.gate)
     return {"metrics": metrics, "accepted": accepted, "reasons": reasons}
 

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     reward_lr: float = Field(5e-4, gt=0, description="Reward model learning rate (its LoRA and head).")
     reward_batch_size: int = Field(8, ge=1, description="Feedback items (a pair or a thumb) per reward model step.")
     train_window: int = Field(
-        300, ge=0, description="Newest feedback records a run trains on (0: all): keeps a run's cost flat as "
+        150, ge=0, description="Newest feedback records a run trains on (0: all): keeps a run's cost flat as "
         "feedback piles up, and its data close to the current policy.",
     )
     ppo_iterations: int = Field(8, ge=1, description="PPO iterations per training run.")
@@ -100,8 +100,8 @@ class Settings(BaseSettings):
         None, description="Score of an answer cut off at the length limit (unset: the reward model's own). "
         "Off by default: most SmolLM2 answers run past 64 tokens, so a penalty would teach brevity.",
     )
-    offline_lr: float = Field(5e-4, gt=0, description="Policy learning rate of DPO/KTO.")
-    offline_epochs: int = Field(2, ge=1, description="DPO/KTO epochs over all logged feedback per run.")
+    offline_lr: float = Field(1e-3, gt=0, description="Policy learning rate of DPO/KTO.")
+    offline_epochs: int = Field(1, ge=1, description="DPO/KTO epochs over all logged feedback per run.")
     offline_beta: float = Field(0.1, gt=0, description="DPO/KTO beta: how far from the base the policy may move.")
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts the gate evaluates on.")
     gate_min_score_gain: float = Field(0.0, description="Candidate's mean reward must beat production's by more.")
