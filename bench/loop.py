@@ -141,7 +141,7 @@ class LoopConfig:
     budget_s: float = 30 * 60
     generations: int = 3
     users: UserConfig = field(default_factory=UserConfig)
-    eval_prompts: int = 60
+    eval_prompts: int = 40
     samples: int = 2
     eval: EvalConfig = field(default_factory=EvalConfig)
     env: dict[str, str] = field(default_factory=dict)  # more CHATLOOP_* for the stack (tests: a tiny setup)
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--preference", default="vader", choices=["vader", "concise"])
     parser.add_argument("--users", type=int, default=8, help="simulated users talking at once")
     parser.add_argument("--think-time", type=float, default=1.0, help="mean seconds between a user's turns")
-    parser.add_argument("--eval-prompts", type=int, default=60, help="held-out prompts per policy")
+    parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts per policy")
     parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Settings().data_dir / "bench-loop")

@@ -5,12 +5,14 @@ length P, answers right-padded to R, so answer token j of every row sits at colu
 logits at column P + j - 1.
 """
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -125,3 +127,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def last_token_index(batch: TokenBatch) -> torch.Tensor:
     """Column of each row's last real token (the end of its answer). (B,)"""
     return batch.prompt_len + batch.response_lengths - 1
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def save_adapter(policy: PeftModel, out_dir: Path) -> Path:
+    """Save the adapter alone (peft format, safetensors) under a temp name, then rename into place."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        policy.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
+        for path in tmp.iterdir():  # peft also writes a model card (README.md)
+            if path.name not in ADAPTER_FILES:
+                path.unlink()
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -16,9 +16,7 @@ the pairs thumbs form (every up-voted x every down-voted answer to the same prom
 (prompt, completion, label) plus each pair split into chosen -> True and rejected -> False.
 """
 
-import os
 import random
-import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,10 +30,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from rlhf.data import FeedbackData, Messages, Pair, Thumb, prompt_key
-from rlhf.modeling import LoraSettings
+from rlhf.modeling import LoraSettings, save_adapter
 
 ALGORITHMS = ("dpo", "kto")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -191,19 +188,3 @@ def train_offline(
         trainer.train()
     save_adapter(trainer.model, out_dir)
     return trainer.state.log_history
-
-
-def save_adapter(policy: PeftModel, out_dir: Path) -> Path:
-    """Save the adapter alone (peft format, safetensors) under a temp name, then rename into place."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        policy.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
-        for path in tmp.iterdir():  # peft also writes a model card (README.md)
-            if path.name not in ADAPTER_FILES:
-                path.unlink()
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir

@@ -8,9 +8,7 @@ states (shared trunk). Every logprob used for the ratio and the KL is recomputed
 trainer's own precision, with logits divided by the sampling temperature (RLHF_NOTES.md).
 """
 
-import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from rlhf.modeling import (
     build_batch,
     encode_prompt,
     forward,
+    save_adapter,
     token_logprobs,
 )
 from rlhf.ppo_math import (
@@ -294,16 +293,7 @@ class PPOTrainer:
         return {name: sum(values) / len(values) for name, values in totals.items()}
 
     def save_adapter(self, out_dir: Path) -> Path:
-        """Save the adapter (peft format, safetensors only) under a temp name, then rename into place."""
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self.policy.save_pretrained(tmp, safe_serialization=True)
-            tmp.rename(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
+        return save_adapter(self.policy, out_dir)
 
 
 def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:

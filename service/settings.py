@@ -104,7 +104,11 @@ class Settings(BaseSettings):
     offline_epochs: int = Field(1, ge=1, description="DPO/KTO epochs over all logged feedback per run.")
     offline_beta: float = Field(0.1, gt=0, description="DPO/KTO beta: how far from the base the policy may move.")
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts the gate evaluates on.")
-    gate_min_score_gain: float = Field(0.0, description="Candidate's mean reward must beat production's by more.")
+    gate_min_score_gain: float = Field(
+        -0.25, description="Candidate's mean reward-model score (in production-answer std units) must beat "
+        "production's by more. Slightly negative by default: a reward model from ~150 noisy votes is close to "
+        "chance on 32 answers, so the gate leans on its KL, length and EOS checks until it has more data.",
+    )
     gate_max_kl: float = Field(12.0, ge=0, description="Largest KL to the base (nats per answer) a candidate may have.")
     gate_min_length_ratio: float = Field(0.5, ge=0, description="Candidate/production mean answer length floor.")
     gate_min_win_rate: float = Field(0.0, ge=0, le=1, description="Reward-model win rate the candidate needs.")

@@ -9,8 +9,17 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from rlhf.data import FeedbackData, Pair, Thumb
-from rlhf.modeling import LoraSettings, build_batch, encode_answer, encode_prompt, forward, load_base, token_logprobs
-from rlhf.offline import ADAPTER_FILES, OfflineConfig, kto_rows, kto_weights, thumb_pairs, train_offline
+from rlhf.modeling import (
+    ADAPTER_FILES,
+    LoraSettings,
+    build_batch,
+    encode_answer,
+    encode_prompt,
+    forward,
+    load_base,
+    token_logprobs,
+)
+from rlhf.offline import OfflineConfig, kto_rows, kto_weights, thumb_pairs, train_offline
 from tests.conftest import make_adapter
 
 TOPICS = (

@@ -153,7 +153,7 @@ def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(e
             first = httpx.post(f"{url}/admin/train", headers=headers).json()["run_id"]
             assert httpx.post(f"{url}/admin/train", headers=headers).status_code == 409  # one run at a time
             deadline = time.monotonic() + 120
-            while httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json().get("stage") != "ppo":
+            while httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json().get("stage") != "policy":
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             os.killpg(worker.pid, signal.SIGKILL)  # mid-pipeline, no chance to clean up
