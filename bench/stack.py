@@ -8,7 +8,6 @@ which stops the API, worker and beat, then Redis, and leaves no process behind.
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,13 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.launcher import free_port
 
 
 class Stack:
     def __init__(self, data_dir: Path, base_model: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir, self.base_model = data_dir, base_model
-        self.port, self.redis_port = free_port(), free_port()
+        self.port, self.redis_port = free_port(0), free_port(0)
         self.url = f"http://127.0.0.1:{self.port}"
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.log_path = data_dir / "stack.log"
