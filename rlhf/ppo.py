@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -38,7 +39,9 @@ from rlhf.ppo_math import (
     entropy_from_logits,
     gae,
     kl_k3,
+    kl_k3_tokens,
     leave_one_out,
+    masked_mean,
     masked_var,
     policy_loss,
     value_loss,
@@ -58,13 +61,19 @@ class PPOConfig:
     lr: float = 1e-4
     max_new_tokens: int = 64
     temperature: float = 0.7  # sampling temperature; training logprobs use logits / the same value
+    critic: bool = True  # False: no value head; each token's advantage is its reward-to-go (the group-baselined
+    # score plus the KL penalties after it), REINFORCE/RLOO style under the same clipped objective
     gamma: float = 1.0
-    lam: float = 0.95
+    lam: float = 0.95  # GAE lambda (with the critic)
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     max_grad_norm: float = 1.0
     init_kl_coef: float = 0.05
+    # "reward": -kl_coef * (logp - logp_ref) on every token's reward (Ziegler et al.); "loss": the reward is the
+    # score alone and kl_coef * (the token mean of k3) joins the loss (GRPO): each token's log-ratio is noise
+    # that the reward-to-go sums over the rest of the answer, and without a critic nothing averages it out
+    kl_penalty: Literal["reward", "loss"] = "reward"
     adaptive_kl: bool = False
     target_kl: float = 6.0  # nats per answer (lm-human-preferences)
     kl_horizon: int = 10000  # in answers
@@ -84,7 +93,7 @@ class Rollouts:
     has_eos: torch.Tensor  # (B,) bool
     logprobs: torch.Tensor  # (B, R) policy at sampling time ("old")
     ref_logprobs: torch.Tensor  # (B, R) adapter disabled
-    values: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R); zeros without a critic
     entropy: torch.Tensor  # (B, R) of the policy's (tempered) next-token distribution
 
 
@@ -160,8 +169,10 @@ class PPOTrainer:
             self.policy = get_peft_model(base_model, config.lora.peft_config())
         self.policy.eval()  # dropout off in rollouts and updates alike; eval mode still lets gradients through
         self.device = base_model.device
-        self.value_head = ValueHead(base_model.config.hidden_size).to(self.device)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.value_head = ValueHead(base_model.config.hidden_size).to(self.device) if config.critic else None
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            self.params += list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, eps=1e-5)
         if config.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
@@ -199,10 +210,12 @@ class PPOTrainer:
         scored = time.perf_counter()
         mask = rollouts.batch.response_mask
         baselined = leave_one_out(scores, c.group_size)
-        rewards, kl = compute_rewards(baselined, rollouts.logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value)
+        reward_kl_coef = self.kl_ctl.value if c.kl_penalty == "reward" else 0.0
+        rewards, kl = compute_rewards(baselined, rollouts.logprobs, rollouts.ref_logprobs, mask, reward_kl_coef)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam)
+        # Without a critic (values 0) and lambda 1, GAE is the plain reward-to-go
+        advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam if c.critic else 1.0)
         advantages = whiten(advantages, mask)
         advantaged = time.perf_counter()
         stats = self.train_minibatches(rollouts, advantages, returns)
@@ -217,7 +230,6 @@ class PPOTrainer:
             "objective/kl_k3": kl_k3(rollouts.logprobs, rollouts.ref_logprobs, mask).mean().item(),
             "objective/kl_coef": self.kl_ctl.value,
             "objective/entropy": (rollouts.entropy * mask).sum(-1).mean().item(),  # nats per answer
-            "ppo/val/explained_variance": explained_variance(rollouts.values, returns, mask),
             "ppo/mean_length": lengths.mean().item(),
             "ppo/eos_fraction": rollouts.has_eos.float().mean().item(),
             "time/rollout_s": advantaged - start,  # the three below + rewards and advantages
@@ -226,6 +238,8 @@ class PPOTrainer:
             "time/score_s": scored - recomputed,  # the reward function
             "time/update_s": update_s,
         }
+        if c.critic:
+            stats["ppo/val/explained_variance"] = explained_variance(rollouts.values, returns, mask)
         self.kl_ctl.update(mean_kl, len(prompts))
         return stats
 
@@ -254,7 +268,7 @@ class PPOTrainer:
             has_eos=torch.tensor([ids[-1] in self.eos_ids for ids in answer_ids], device=self.device),
             logprobs=token_logprobs(logits, batch.responses),
             ref_logprobs=token_logprobs(ref_logits, batch.responses),
-            values=values,
+            values=values if values is not None else torch.zeros_like(logits[..., 0]),
             entropy=entropy_from_logits(logits),
         )
 
@@ -279,15 +293,25 @@ class PPOTrainer:
                 pg_loss, clipfrac, approx_kl = policy_loss(
                     logprobs, rollouts.logprobs[rows], advantages[rows], mask, c.cliprange
                 )
-                v_loss, vf_clipfrac = value_loss(values, rollouts.values[rows], returns[rows], mask, c.cliprange_value)
-                loss = pg_loss + c.vf_coef * v_loss
+                loss = pg_loss
+                if c.kl_penalty == "loss":
+                    kl_loss = masked_mean(kl_k3_tokens(logprobs, rollouts.ref_logprobs[rows]), mask)
+                    loss = loss + self.kl_ctl.value * kl_loss
+                    totals["ppo/loss/kl"].append(kl_loss.item())
+                if values is not None:
+                    v_loss, vf_clipfrac = value_loss(
+                        values, rollouts.values[rows], returns[rows], mask, c.cliprange_value
+                    )
+                    loss = loss + c.vf_coef * v_loss
+                    totals["ppo/loss/value"].append(v_loss.item())
+                    totals["ppo/val/clipfrac"].append(vf_clipfrac.item())
                 self.optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
                 self.optimizer.step()
                 for name, value in (
-                    ("ppo/loss/policy", pg_loss), ("ppo/loss/value", v_loss), ("ppo/policy/approx_kl", approx_kl),
-                    ("ppo/policy/clipfrac", clipfrac), ("ppo/val/clipfrac", vf_clipfrac),
+                    ("ppo/loss/policy", pg_loss), ("ppo/policy/approx_kl", approx_kl),
+                    ("ppo/policy/clipfrac", clipfrac),
                 ):
                     totals[name].append(value.item())
         return {name: sum(values) / len(values) for name, values in totals.items()}

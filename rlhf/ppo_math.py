@@ -133,10 +133,15 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return ((logprobs - ref_logprobs) * mask).sum(-1)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 per answer: sum((r - 1) - log r), r = p_ref / p; unbiased, never negative. (B,)"""
+def kl_k3_tokens(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 per token: (r - 1) - log r, r = p_ref / p; unbiased, never negative. (B, R)"""
     log_r = ref_logprobs - logprobs
-    return ((torch.exp(log_r) - 1 - log_r) * mask).sum(-1)
+    return torch.exp(log_r) - 1 - log_r
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 per answer, summed over its tokens. (B, R) -> (B,)"""
+    return (kl_k3_tokens(logprobs, ref_logprobs) * mask).sum(-1)
 
 
 class FixedKLController:

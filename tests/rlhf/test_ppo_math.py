@@ -13,6 +13,7 @@ from rlhf.ppo_math import (
     gae,
     kl_k1,
     kl_k3,
+    kl_k3_tokens,
     leave_one_out,
     masked_mean,
     masked_var,
@@ -78,6 +79,15 @@ def test_gae_full_row():
     advantages, returns = gae(rewards, values, mask, gamma=0.5, lam=1.0)
     close(advantages, [[1.0, 0.0, 0.5]])
     close(returns, [[1.5, 1.0, 2.0]])
+
+
+def test_gae_without_a_critic_is_the_reward_to_go():
+    """What PPO without a critic uses: values 0, gamma 1, lambda 1 -> A_t = r_t + r_{t+1} + ... (pads excluded)."""
+    rewards = torch.tensor([[-0.1, -0.2, 0.9, 5.0], [0.3, -0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    advantages, returns = gae(rewards, torch.zeros(2, 4), mask, gamma=1.0, lam=1.0)
+    close(advantages, [[0.6, 0.7, 0.9, 0.0], [0.2, -0.1, 0.0, 0.0]])
+    close(returns, advantages)
 
 
 def test_gae_ignores_padding():
@@ -149,6 +159,8 @@ def test_kl_estimators_per_answer():
     # k3 = sum(e^x - 1 - x), x = ref - logp: row 0 x = -0.5, 0 -> 0.606531 - 0.5 = 0.106531
     # row 1 x = -1, 0, 0.5 -> (0.367879 - 1 + 1) + 0 + (1.648721 - 1 - 0.5) = 0.367879 + 0.148721 = 0.516600
     close(kl_k3(logprobs, ref_logprobs, mask), [0.106531, 0.516600])
+    # per token, before the mask: the same terms, and the row-0 pad (x = 1 -> e - 2 = 0.718282) is kept
+    close(kl_k3_tokens(logprobs, ref_logprobs), [[0.106531, 0.0, 0.718282], [0.367879, 0.0, 0.148721]])
 
 
 def test_fixed_kl_controller_never_moves():
