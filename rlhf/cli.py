@@ -34,10 +34,7 @@ def _config(args: argparse.Namespace):
     from rlhf import pipeline
     from service.settings import get_settings
 
-    s = get_settings()
-    config = pipeline.PipelineConfig()
-    lora = pipeline.lora_settings(s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_target_modules)
-    config.reward.lora = config.ppo.lora = lora
+    config = pipeline.config_from_settings(get_settings())
     for name in ("epochs", "lr"):
         if getattr(args, name, None) is not None:
             setattr(config.reward, name, getattr(args, name))

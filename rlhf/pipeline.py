@@ -12,10 +12,12 @@ under a temp name and renamed: a stage killed half way leaves nothing that looks
 """
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +29,10 @@ from rlhf.offline import OfflineConfig, train_offline
 from rlhf.ppo import PPOConfig, PPOTrainer
 from rlhf.reward import META_FILE, RewardConfig, RewardModel, train_reward_model
 
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 STATS_FILE = "ppo_stats.json"
 
@@ -52,13 +58,22 @@ def load_feedback(data_path: Path, heldout_fraction: float, max_records: int = 0
 
 
 def train_reward(
-    data_path: Path, base_path: Path, out_dir: Path, config: PipelineConfig, progress: Progress | None = None
+    data_path: Path, base_path: Path, out_dir: Path, config: PipelineConfig, progress: Progress | None = None,
+    init_reward: Path | None = None,
 ) -> dict:
-    """Train a reward model on an exported feedback file; returns its metrics."""
+    """Train a reward model on an exported feedback file, continuing from init_reward (the previous run's
+    reward model) when given and of the same LoRA shape; returns its metrics."""
     data = load_feedback(data_path, config.heldout_fraction, config.max_records)
-    base, tokenizer = load_base(base_path)
     report = (lambda step, total, m: progress("reward", step, total, m)) if progress else None
-    model, metrics = train_reward_model(base, tokenizer, data, config.reward, report)
+    base, tokenizer = load_base(base_path)
+    try:
+        model, metrics = train_reward_model(base, tokenizer, data, config.reward, report, init_reward)
+    except ValueError as exc:
+        if init_reward is None:
+            raise
+        log.warning("training a fresh reward model: %s", exc)  # e.g. the LoRA rank setting changed
+        base, tokenizer = load_base(base_path)  # the failed attempt wrapped the first one
+        model, metrics = train_reward_model(base, tokenizer, data, config.reward, report)
     model.save(out_dir, {"metrics": metrics, "data": str(data_path), "base_path": str(base_path)})
     return metrics
 
@@ -136,3 +151,37 @@ def evaluate_candidate(
 
 def lora_settings(r: int, alpha: int, dropout: float, targets: list[str]) -> LoraSettings:
     return LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
+
+
+def config_from_settings(settings: "Settings") -> PipelineConfig:
+    """The pipeline as the service's settings (CHATLOOP_*) configure it: for the workers and the CLI alike."""
+    config = PipelineConfig(algorithm=settings.algorithm, max_records=settings.train_window)
+    config.reward.epochs = settings.reward_epochs
+    config.reward.lr = settings.reward_lr
+    config.reward.batch_size = settings.reward_batch_size
+    config.reward.lora = config.ppo.lora = config.offline.lora = lora_settings(
+        settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_target_modules
+    )
+    config.reward.precision = config.ppo.precision = config.eval.precision = settings.train_precision
+    config.offline.bf16 = settings.train_precision == "bf16"
+    config.ppo_iterations = settings.ppo_iterations
+    config.ppo.batch_size = settings.ppo_batch_size
+    config.ppo.group_size = settings.ppo_group_size
+    config.ppo.minibatch_size = settings.ppo_minibatch_size
+    config.ppo.ppo_epochs = settings.ppo_epochs
+    config.ppo.lr = settings.ppo_lr
+    config.ppo.init_kl_coef = settings.ppo_kl_coef
+    config.ppo.critic = settings.ppo_critic
+    config.ppo.kl_penalty = settings.ppo_kl_penalty
+    config.ppo.missing_eos_penalty = settings.ppo_missing_eos_penalty
+    config.ppo.max_new_tokens = config.eval.max_new_tokens = settings.ppo_max_new_tokens
+    config.offline.algorithm = settings.algorithm if settings.algorithm != "ppo" else "dpo"
+    config.offline.lr = settings.offline_lr
+    config.offline.epochs = settings.offline_epochs
+    config.offline.beta = settings.offline_beta
+    config.max_eval_prompts = settings.eval_prompts
+    config.gate.min_score_gain = settings.gate_min_score_gain
+    config.gate.max_kl = settings.gate_max_kl
+    config.gate.min_length_ratio = settings.gate_min_length_ratio
+    config.gate.min_win_rate = settings.gate_min_win_rate
+    return config

@@ -220,22 +220,27 @@ class RewardModel(torch.nn.Module):
         cls, directory: Path, model: PreTrainedModel | PeftModel, adapter_name: str = ADAPTER
     ) -> "RewardModel":
         """A saved reward model on a plain base (taken over) or joining a PeftModel as adapter_name (see the class)."""
+        reward_model = cls(model, RewardConfig.from_dict(read_meta(directory)["config"]), adapter_name)
+        reward_model.load_weights(directory)
+        return reward_model
+
+    def load_weights(self, directory: Path) -> None:
+        """LoRA, head and calibration from a saved reward model of the same LoRA shape (ValueError otherwise)."""
         directory = Path(directory)
-        meta = json.loads((directory / META_FILE).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{directory}: not a reward model ({meta.get('format')!r}, expected {FORMAT!r})")
-        reward_model = cls(model, RewardConfig.from_dict(meta["config"]), adapter_name)
-        tensors = load_file(directory / WEIGHTS_FILE, device=str(reward_model.device))
+        meta = read_meta(directory)
+        tensors = load_file(directory / WEIGHTS_FILE, device=str(self.device))
         head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
-        reward_model.head.load_state_dict(head)
         lora = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
-        result = set_peft_model_state_dict(reward_model.body, lora, adapter_name=adapter_name)
+        try:
+            self.head.load_state_dict(head)
+            result = set_peft_model_state_dict(self.body, lora, adapter_name=self.adapter_name)
+        except RuntimeError as exc:  # a tensor of another shape (another rank or base)
+            raise ValueError(f"{directory}: weights do not fit this reward model ({exc})") from exc
         # Other adapters of a shared model are missing from this file by design: only this one's keys count.
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{self.adapter_name}." in k]
         if result.unexpected_keys or missing:
             raise ValueError(f"{directory}: LoRA weights do not fit this base ({missing or result.unexpected_keys})")
-        reward_model.gain, reward_model.bias = meta["calibration"]["gain"], meta["calibration"]["bias"]
-        return reward_model
+        self.gain, self.bias = meta["calibration"]["gain"], meta["calibration"]["bias"]
 
     def reward_fn(self, tokenizer: Tokenizer) -> RewardFn:
         """Normalised scores as a PPO/evaluation reward function (rlhf.ppo.RewardFn)."""
@@ -244,6 +249,13 @@ class RewardModel(torch.nn.Module):
             return self.score_texts(tokenizer, prompts, texts)
 
         return reward_fn
+
+
+def read_meta(directory: Path) -> dict:
+    meta = json.loads((Path(directory) / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory}: not a reward model ({meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
 
 
 def _accuracy(wins: torch.Tensor) -> float:
@@ -305,13 +317,19 @@ def train_reward_model(
     data: FeedbackData,
     config: RewardConfig,
     progress: Progress | None = None,
+    init: Path | None = None,
 ) -> tuple[RewardModel, dict]:
     """Train a reward model on data's training side, calibrate it on the training answers, and
-    evaluate it on the held-out side. progress(step, total, metrics) is called after every step."""
+    evaluate it on the held-out side. progress(step, total, metrics) is called after every step.
+
+    init: a saved reward model to continue from (its LoRA and head), so that what earlier feedback
+    taught is kept while this data is learnt; ValueError if its LoRA shape differs from config's."""
     if not data.pairs and not data.thumbs:
         raise ValueError("no training feedback: need at least one comparison or thumb")
     started = time.monotonic()
     model = RewardModel(base_model, config)
+    if init is not None:
+        model.load_weights(init)
     pad_id = tokenizer.pad_token_id
 
     # Tokenise once, one row per answer: chosen and rejected of each pair in turn, then the thumbs.
@@ -357,6 +375,7 @@ def train_reward_model(
         "reward/train_pairs": n_pairs,
         "reward/train_thumbs": len(data.thumbs),
         "reward/steps": step,
+        "reward/warm_start": float(init is not None),
         "reward/calibration_raw_mean": raw.mean().item(),
         "reward/calibration_raw_std": raw.std().item(),
         **evaluate_reward_model(model, tokenizer, data.heldout_pairs, data.heldout_thumbs),

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     )
     reward_epochs: int = Field(1, ge=1, description="Reward model epochs per training run.")
     reward_lr: float = Field(5e-4, gt=0, description="Reward model learning rate (its LoRA and head).")
+    reward_warm_start: bool = Field(
+        True, description="Start each run's reward model from the previous run's, so that it keeps what earlier "
+        "feedback taught (each run trains on the newest train_window records only).",
+    )
     reward_batch_size: int = Field(8, ge=1, description="Feedback items (a pair or a thumb) per reward model step.")
     train_window: int = Field(
         150, ge=0, description="Newest feedback records a run trains on (0: all): keeps a run's cost flat as "
@@ -93,8 +97,16 @@ class Settings(BaseSettings):
     )
     ppo_minibatch_size: int = Field(8, ge=1, description="Answers per PPO gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each PPO batch.")
-    ppo_lr: float = Field(3e-4, gt=0, description="Policy (LoRA) learning rate in PPO.")
-    ppo_kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token KL penalty to the base.")
+    ppo_lr: float = Field(1e-3, gt=0, description="Policy (LoRA) learning rate in PPO.")
+    ppo_critic: bool = Field(
+        False, description="Train a value head for GAE advantages. Off: each token's advantage is the answer's "
+        "group-baselined score (RLOO); a fresh critic's noise swamped the signal of 8 iterations (bench/RESULTS.md).",
+    )
+    ppo_kl_penalty: Literal["reward", "loss"] = Field(
+        "loss", description="Where the KL to the base enters PPO: 'reward' (a per-token penalty in the reward) "
+        "or 'loss' (a k3 term in the loss, as GRPO), which keeps each token's log-ratio noise out of the advantages.",
+    )
+    ppo_kl_coef: float = Field(0.05, ge=0, description="Weight of the KL to the base (see ppo_kl_penalty).")
     ppo_max_new_tokens: int = Field(64, ge=1, description="Answer length during PPO and evaluation.")
     ppo_missing_eos_penalty: float | None = Field(
         None, description="Score of an answer cut off at the length limit (unset: the reward model's own). "

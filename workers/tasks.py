@@ -17,36 +17,9 @@ FEEDBACK = "feedback.jsonl"
 
 
 def pipeline_config(settings: Settings):
-    from rlhf.pipeline import PipelineConfig, lora_settings
+    from rlhf.pipeline import config_from_settings
 
-    config = PipelineConfig(algorithm=settings.algorithm, max_records=settings.train_window)
-    config.reward.epochs = settings.reward_epochs
-    config.reward.lr = settings.reward_lr
-    config.reward.batch_size = settings.reward_batch_size
-    config.reward.lora = config.ppo.lora = config.offline.lora = lora_settings(
-        settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_target_modules
-    )
-    config.reward.precision = config.ppo.precision = config.eval.precision = settings.train_precision
-    config.offline.bf16 = settings.train_precision == "bf16"
-    config.ppo_iterations = settings.ppo_iterations
-    config.ppo.batch_size = settings.ppo_batch_size
-    config.ppo.group_size = settings.ppo_group_size
-    config.ppo.minibatch_size = settings.ppo_minibatch_size
-    config.ppo.ppo_epochs = settings.ppo_epochs
-    config.ppo.lr = settings.ppo_lr
-    config.ppo.init_kl_coef = settings.ppo_kl_coef
-    config.ppo.missing_eos_penalty = settings.ppo_missing_eos_penalty
-    config.ppo.max_new_tokens = config.eval.max_new_tokens = settings.ppo_max_new_tokens
-    config.offline.algorithm = settings.algorithm if settings.algorithm != "ppo" else "dpo"
-    config.offline.lr = settings.offline_lr
-    config.offline.epochs = settings.offline_epochs
-    config.offline.beta = settings.offline_beta
-    config.max_eval_prompts = settings.eval_prompts
-    config.gate.min_score_gain = settings.gate_min_score_gain
-    config.gate.max_kl = settings.gate_max_kl
-    config.gate.min_length_ratio = settings.gate_min_length_ratio
-    config.gate.min_win_rate = settings.gate_min_win_rate
-    return config
+    return config_from_settings(settings)
 
 
 def base_path(settings: Settings) -> Path:
@@ -59,6 +32,17 @@ def reward_and_data(settings: Settings, run_id: str, work: Path) -> tuple[Path, 
     """The reward model and the feedback file the run's first stage handed on, fetched into work/."""
     reward = runs.get_dir(settings, run_id, "reward", work / "rm")
     return reward, runs.get_dir(settings, run_id, "data", work / "data") / FEEDBACK
+
+
+def previous_reward_model(settings: Settings, run_id: str, dest: Path) -> Path | None:
+    """The newest reward model another run trained (kept FILES_TTL_S), fetched into dest; None if there is none."""
+    for run in runs.recent_runs(runs.client(settings)):
+        if run["id"] != run_id and "reward_metrics" in run:
+            try:
+                return runs.get_dir(settings, run["id"], "reward", dest)
+            except FileNotFoundError:  # expired
+                return None
+    return None
 
 
 def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
@@ -135,8 +119,9 @@ def train_reward(self, run_id: str) -> str:
         event_ids, events_seen = runs.arun(settings, claim_feedback, f"run-{run_id}")
         data = s.work / "data"
         export = runs.arun(settings, export_feedback, data / FEEDBACK, "all")
+        previous = settings.reward_warm_start and previous_reward_model(settings, run_id, s.work / "previous_rm")
         metrics = pipeline.train_reward(data / FEEDBACK, base_path(settings), s.work / "rm", pipeline_config(settings),
-                                        s.progress)
+                                        s.progress, previous or None)
         runs.put_dir(settings, run_id, "data", data)
         runs.put_dir(settings, run_id, "reward", s.work / "rm")
         s.update(reward_metrics=metrics, export=export, event_ids=event_ids, events_seen=events_seen)

@@ -2,6 +2,7 @@
 base weights, the same numbers as with a reward model on a base of its own, the reward model frozen."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,13 @@ from rlhf.pipeline import (
     load_feedback,
     ppo_trainer,
     train_policy,
+    train_reward,
 )
 from rlhf.ppo import PPOConfig, PPOTrainer
 from rlhf.reward import ADAPTER, RewardModel
 from tests.conftest import make_adapter
 from tests.rlhf.test_ppo import PROMPTS, answer_logprobs
-from tests.rlhf.test_reward import make_reward_model
+from tests.rlhf.test_reward import FAST, make_reward_model
 
 CONFIG = PPOConfig(
     batch_size=8, minibatch_size=4, ppo_epochs=1, lr=3e-3, max_new_tokens=8, temperature=0.7,
@@ -151,3 +153,15 @@ def test_train_policy_runs_the_chosen_algorithm(algorithm, tiny_model_dir, rewar
 def test_train_policy_rejects_an_unknown_algorithm(tiny_model_dir, reward_dir, feedback_file, tmp_path):
     with pytest.raises(ValueError, match="unknown algorithm"):
         train_policy(reward_dir, tiny_model_dir, tmp_path / "c", PipelineConfig(algorithm="sft"), None, feedback_file)
+
+
+def test_train_reward_warm_starts_and_falls_back_when_the_shape_changed(
+    tiny_model_dir, reward_dir, feedback_file, tmp_path
+):
+    config = PipelineConfig(reward=FAST)  # rank 8, as reward_dir
+    warm = train_reward(feedback_file, tiny_model_dir, tmp_path / "warm", config, init_reward=reward_dir)
+    assert warm["reward/warm_start"] == 1.0
+    config.reward = replace(FAST, lora=LoraSettings(r=4, alpha=8))  # the rank setting changed
+    fresh = train_reward(feedback_file, tiny_model_dir, tmp_path / "fresh", config, init_reward=reward_dir)
+    assert fresh["reward/warm_start"] == 0.0
+    assert RewardModel.load(tmp_path / "fresh", load_base(tiny_model_dir)[0]).config.lora.r == 4

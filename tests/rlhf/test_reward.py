@@ -203,6 +203,32 @@ def test_thumbs_alone_train_the_right_sign(base, tokenizer):
     assert raw_up.mean() > 0 > raw_down.mean()
 
 
+def test_warm_start_keeps_what_earlier_feedback_taught(tiny_model_dir, tokenizer, tmp_path):
+    """A run continuing from the previous reward model starts where it ended; one trained afresh on a
+    handful of new votes has not seen enough to know the preference."""
+    heldout = banana_pairs(60, seed=9)
+    first, _ = train_reward_model(load_base(tiny_model_dir)[0], tokenizer, build_datasets(banana_pairs(300)), FAST)
+    saved = first.save(tmp_path / "rm-1")
+
+    def accuracy(model: RewardModel) -> float:
+        prompts = [p.prompt for p in heldout]
+        chosen = model.raw_scores(tokenizer, prompts, [p.chosen for p in heldout])
+        rejected = model.raw_scores(tokenizer, prompts, [p.rejected for p in heldout])
+        return (chosen > rejected).float().mean().item()
+
+    few = build_datasets(banana_pairs(4, seed=3), heldout_fraction=0.0)
+    one_step = replace(FAST, epochs=1, lr=1e-4)
+    warm, metrics = train_reward_model(load_base(tiny_model_dir)[0], tokenizer, few, one_step, init=saved)
+    fresh, fresh_metrics = train_reward_model(load_base(tiny_model_dir)[0], tokenizer, few, one_step)
+    assert metrics["reward/warm_start"] == 1.0 and fresh_metrics["reward/warm_start"] == 0.0
+    assert accuracy(first) >= 0.9 and accuracy(warm) >= 0.9
+    assert accuracy(fresh) < 0.75
+
+    other_rank = replace(FAST, lora=LoraSettings(r=4, alpha=8))
+    with pytest.raises(ValueError, match="do not fit"):
+        train_reward_model(load_base(tiny_model_dir)[0], tokenizer, few, other_rank, init=saved)
+
+
 @pytest.fixture(scope="module")
 def saved_reward_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm") / "v1")
