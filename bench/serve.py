@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from redis.asyncio import Redis
 
 from bench.adapter import make_adapter
 from service import registry
+from service.launcher import free_port
 from service.model import default_gguf_path, resolve_base_model, resolve_device, resolve_dtype
 from service.settings import Settings
 
@@ -188,12 +188,6 @@ def bench_llama_cpp(settings: Settings, seconds: float) -> Row | None:
     row = Row("llama.cpp (Q4_1 GGUF, 2 threads)", 1, samples, time.perf_counter() - started)
     print(markdown_table([row]).splitlines()[-1], flush=True)
     return row
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 BENCH_REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")

@@ -29,7 +29,8 @@ def reachable(url: str) -> bool:
         return False
 
 
-def free_port(preferred: int) -> int:
+def free_port(preferred: int = 0) -> int:
+    """preferred if it is free, else any free port (0: any)."""
     for port in (preferred, 0):
         with socket.socket() as s:
             try:
@@ -37,7 +38,7 @@ def free_port(preferred: int) -> int:
             except OSError:
                 continue
             return s.getsockname()[1]
-    raise RuntimeError("no free port for Redis")
+    raise RuntimeError("no free port")
 
 
 def start_embedded_redis(settings: Settings) -> tuple[subprocess.Popen, str]:

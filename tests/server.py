@@ -3,7 +3,6 @@
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from service.launcher import free_port
+
 
 def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str, str]:
     """Settings for a server on the tiny test model, with rate limits off unless a test sets them."""
@@ -21,12 +22,6 @@ def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str
         "CHATLOOP_MAX_CONTEXT": "256", "CHATLOOP_REDIS_URL": redis_url,
         "CHATLOOP_CHAT_REQUESTS_PER_MINUTE": "0", "CHATLOOP_FEEDBACK_REQUESTS_PER_MINUTE": "0",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@ replica that is still loading (503) or refuses connections is skipped for a heal
 
 The stream check is end to end, not a test of `proxy_buffering off` alone: the nginx tried here (1.22)
 forwarded these small events promptly even with buffering (or gzip) on, so the directives themselves are
-asserted in test_manifests.py. Retrying a POST after a 503 does depend on `non_idempotent`, and is caught.
+asserted in test_compose.py. Retrying a POST after a 503 does depend on `non_idempotent`, and is caught.
 
 The replicas are small stand-in servers (no model); only the upstream lines of the config are rewritten
 (to their addresses, without `resolve`, which needs a hostname and nginx 1.27.3+) and the listen port.
@@ -12,7 +12,6 @@ The replicas are small stand-in servers (no model); only the upstream lines of t
 import asyncio
 import contextlib
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -28,17 +27,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from tests.deploy.files import NGINX_CONF, tool
+from tests.server import free_port
 
 NGINX = tool("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="no nginx binary here (Debian: apt-get install nginx-light)")
 
 HOLD_S = 10  # how long the stand-in holds its stream at each step unless the test releases it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Replica:
