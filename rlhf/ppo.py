@@ -3,9 +3,12 @@
 One step is lm-human-preferences' pipeline: `rollouts = sample(prompts)`, `scores = score(rollouts)`,
 `rewards = compute_rewards(scores, logprobs, ref_logprobs)`, `stats = train_minibatches(...)`.
 The policy is the base wrapped in a peft LoRA adapter; the reference is the same model under
-`disable_adapter()` (one copy of the weights); the value head is a Linear on the policy's last hidden
-states (shared trunk). Every logprob used for the ratio and the KL is recomputed here, in the
-trainer's own precision, with logits divided by the sampling temperature (RLHF_NOTES.md).
+`disable_adapter()` (one copy of the weights); the value head, when there is one (critic=True: GAE),
+is a Linear on the policy's last hidden states (shared trunk). Without it (critic=False, the service's
+default) every token's advantage is the answer's score baselined on its group siblings (RLOO), and
+with kl_penalty="loss" the KL to the reference is a k3 term of the loss rather than a per-token reward.
+Every logprob used for the ratio and the KL is recomputed here, in the trainer's own precision, with
+logits divided by the sampling temperature (RLHF_NOTES.md).
 """
 
 import random
