@@ -16,6 +16,7 @@ the pairs thumbs form (every up-voted x every down-voted answer to the same prom
 (prompt, completion, label) plus each pair split into chosen -> True and rejected -> False.
 """
 
+import math
 import random
 import tempfile
 from collections import defaultdict
@@ -131,12 +132,20 @@ def load_init_adapter(policy: PeftModel, init_adapter_dir: Path) -> None:
         raise ValueError(f"{init_adapter_dir}: adapter does not fit the policy ({result.unexpected_keys or missing})")
 
 
+def warmup_steps(config: OfflineConfig, rows: int) -> int:
+    """config.warmup of the run's optimiser steps, rounded down. transformers rounds a fraction up, and the
+    first warmup step has a learning rate of 0: a run of a single step (a handful of votes) then learnt nothing."""
+    steps_per_epoch = math.ceil(rows / (config.batch_size * config.grad_accum))
+    return int(config.warmup * steps_per_epoch * config.epochs)
+
+
 def trainer_args(config: OfflineConfig, rows: list[dict], output_dir: str, quiet: bool) -> DPOConfig | KTOConfig:
     """TRL's arguments: CPU, no checkpoints, no integrations, a log entry every step."""
     common = dict(
         output_dir=output_dir, learning_rate=config.lr, num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        warmup_steps=config.warmup, beta=config.beta, max_length=config.max_prompt_tokens + config.max_answer_tokens,
+        warmup_steps=warmup_steps(config, len(rows)), beta=config.beta,
+        max_length=config.max_prompt_tokens + config.max_answer_tokens,
         bf16=config.bf16, seed=config.seed, use_cpu=True, activation_checkpointing=False, logging_steps=1,
         save_strategy="no", report_to="none", push_to_hub=False, dataloader_pin_memory=False, disable_tqdm=quiet,
     )

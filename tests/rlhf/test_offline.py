@@ -19,7 +19,7 @@ from rlhf.modeling import (
     load_base,
     token_logprobs,
 )
-from rlhf.offline import OfflineConfig, kto_rows, kto_weights, thumb_pairs, train_offline
+from rlhf.offline import OfflineConfig, kto_rows, kto_weights, thumb_pairs, train_offline, warmup_steps
 from tests.conftest import make_adapter
 
 TOPICS = (
@@ -169,6 +169,19 @@ def test_dpo_learns_the_marker_and_saves_only_the_adapter(tiny_base, tiny_model_
     assert pair_margin(get_peft_model(fresh, config.lora.peft_config()), tokenizer, PAIRS) == 0.0
     policy, tokenizer = load_policy(tiny_model_dir, out)
     assert pair_margin(policy, tokenizer, PAIRS) > 1.0
+
+
+def test_warmup_rounds_down_so_a_short_run_still_learns(tiny_base, tiny_model_dir, tmp_path):
+    config = OfflineConfig(batch_size=8, grad_accum=1, epochs=1, warmup=0.1)
+    assert warmup_steps(config, 8) == 0  # one step: warming up would spend it at lr 0
+    assert warmup_steps(config, 100) == 1  # 13 steps
+    assert warmup_steps(OfflineConfig(batch_size=8, epochs=2, warmup=0.1), 400) == 10  # 100 steps
+
+    base, tokenizer = tiny_base  # a run of a single step (all the pairs in one batch), warmup as the service's
+    train_offline(base, tokenizer, FeedbackData(pairs=PAIRS[:4]), tiny_config(epochs=1, warmup=0.1), None,
+                  tmp_path / "candidate")
+    policy, tokenizer = load_policy(tiny_model_dir, tmp_path / "candidate")
+    assert pair_margin(policy, tokenizer, PAIRS[:4]) > 0.0  # the adapter moved (a fresh one's margin is exactly 0)
 
 
 def test_dpo_continues_from_the_init_adapter_against_the_bare_base(tiny_base, tiny_model_dir, tmp_path):
