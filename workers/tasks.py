@@ -16,12 +16,6 @@ from workers.celery_app import app
 FEEDBACK = "feedback.jsonl"
 
 
-def pipeline_config(settings: Settings):
-    from rlhf.pipeline import config_from_settings
-
-    return config_from_settings(settings)
-
-
 def base_path(settings: Settings) -> Path:
     from service.model import resolve_base_model
 
@@ -35,7 +29,10 @@ def reward_and_data(settings: Settings, run_id: str, work: Path) -> tuple[Path, 
 
 
 def previous_reward_model(settings: Settings, run_id: str, dest: Path) -> Path | None:
-    """The newest reward model another run trained (kept FILES_TTL_S), fetched into dest; None if there is none."""
+    """The newest reward model another run trained (kept FILES_TTL_S), fetched into dest; None if there is none
+    or CHATLOOP_REWARD_WARM_START is off."""
+    if not settings.reward_warm_start:
+        return None
     for run in runs.recent_runs(runs.client(settings)):
         if run["id"] != run_id and "reward_metrics" in run:
             try:
@@ -119,9 +116,10 @@ def train_reward(self, run_id: str) -> str:
         event_ids, events_seen = runs.arun(settings, claim_feedback, f"run-{run_id}")
         data = s.work / "data"
         export = runs.arun(settings, export_feedback, data / FEEDBACK, "all")
-        previous = settings.reward_warm_start and previous_reward_model(settings, run_id, s.work / "previous_rm")
-        metrics = pipeline.train_reward(data / FEEDBACK, base_path(settings), s.work / "rm", pipeline_config(settings),
-                                        s.progress, previous or None)
+        config = pipeline.config_from_settings(settings)
+        previous = previous_reward_model(settings, run_id, s.work / "previous_rm")
+        metrics = pipeline.train_reward(data / FEEDBACK, base_path(settings), s.work / "rm", config, s.progress,
+                                        previous)
         runs.put_dir(settings, run_id, "data", data)
         runs.put_dir(settings, run_id, "reward", s.work / "rm")
         s.update(reward_metrics=metrics, export=export, event_ids=event_ids, events_seen=events_seen)
@@ -139,8 +137,9 @@ def train_policy(self, run_id: str) -> str:
         reward, data = reward_and_data(settings, run_id, s.work)
         parent = runs.arun(settings, registry.production)
         init = adapter_dir(settings, parent, s.work / "parent")
-        history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", pipeline_config(settings),
-                                        init, data, s.progress)
+        config = pipeline.config_from_settings(settings)
+        history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", config, init, data,
+                                        s.progress)
         meta = {"parent": parent, "run_id": run_id, "algorithm": settings.algorithm,
                 "reward_metrics": s.run["reward_metrics"], "policy": history[-1] if history else {}}
         version = runs.arun(settings, registry.register_dir, s.work / "candidate", meta)
@@ -159,8 +158,8 @@ def evaluate(self, run_id: str) -> str:
         reward, data = reward_and_data(settings, run_id, s.work)
         candidate = adapter_dir(settings, s.run["candidate"], s.work / "candidate")
         current = adapter_dir(settings, s.run["parent"], s.work / "current")
-        result = pipeline.evaluate_candidate(candidate, reward, base_path(settings), pipeline_config(settings),
-                                             current, data)
+        config = pipeline.config_from_settings(settings)
+        result = pipeline.evaluate_candidate(candidate, reward, base_path(settings), config, current, data)
         s.update(evaluation=result)
     return run_id
 
