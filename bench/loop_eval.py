@@ -7,6 +7,8 @@ base (k1, nats per answer, on the policy's own samples), mean answer length in t
 of answers that end with EOS rather than at the length limit.
 """
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,3 +64,30 @@ def evaluate_policies(
             "n": len(stats["score"]),
         }
     return results
+
+
+VARIANT_HEADER = ["variant", "held-out score", "gain over base", "KL to base", "length", "train s"]
+
+
+def compare_variants(
+    base_path: Path, names: list[str], train: Callable[[str, Path], float], prompts: list[str], preference: str,
+    samples: int = 2,
+) -> str:
+    """Train each variant from the base (train(name, out_dir) saves its adapter and returns the seconds it
+    took) into a scratch directory, evaluate the base and every adapter on the held-out prompts, and return
+    a markdown table: score ± its standard error, gain over the base, KL, length, training time."""
+    with tempfile.TemporaryDirectory(prefix="bench-variants-") as tmp:
+        adapters, seconds = {}, {}
+        for i, name in enumerate(names):
+            print(f"{name}: training", flush=True)
+            adapters[f"v{i}"] = Path(tmp) / f"adapter-{i}"  # adapter names become module names: no dots
+            seconds[name] = train(name, adapters[f"v{i}"])
+        print("evaluating on held-out prompts", flush=True)
+        results = evaluate_policies(base_path, adapters, prompts, preference, samples)
+    base = results["base"]
+    rows = [["base", f"{base['score']:.3f} ± {base['score_se']:.3f}", "", "0", f"{base['length']:.1f}", ""]]
+    for i, name in enumerate(names):
+        r = results[f"v{i}"]
+        rows.append([name, f"{r['score']:.3f} ± {r['score_se']:.3f}", f"{r['score'] - base['score']:+.3f}",
+                     f"{r['kl']:.1f}", f"{r['length']:.1f}", f"{seconds[name]:.0f}"])
+    return "\n".join("| " + " | ".join(row) + " |" for row in [VARIANT_HEADER, ["---"] * len(VARIANT_HEADER), *rows])

@@ -12,14 +12,13 @@ learning rate is the knob that decides whether a run learns little, learns, or l
 import argparse
 import random
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.loop_eval import evaluate_policies, preference_reward
+from bench.loop_eval import compare_variants, preference_reward
 from bench.preferences import load_prompts
 from bench.serve import git_label, write_results
 from bench.users import UserConfig, pick, thumb
@@ -38,7 +37,6 @@ VARIANTS = {  # name: (algorithm, learning rate)
     "kto, lr 1e-3 (default)": ("kto", 1e-3),
     "kto, lr 2e-3": ("kto", 2e-3),
 }
-HEADER = ["variant", "held-out score", "gain over base", "KL to base", "length", "train s"]
 ANSWERS_PER_PROMPT = 3  # two compared, one thumbed
 
 
@@ -113,29 +111,17 @@ def main() -> None:
     data = simulated_votes(answers, UserConfig(seed=args.seed), votes_wanted)
     print(f"{len(data.pairs)} comparisons, {len(data.thumbs)} thumbs", flush=True)
     heldout = load_prompts(split="heldout")[: args.eval_prompts]
-    with tempfile.TemporaryDirectory(prefix="offline-sweep-") as tmp:
-        adapters, seconds = {}, {}
-        for name in args.variants:
-            print(f"{name}: training", flush=True)
-            adapters[name] = Path(tmp) / f"adapter-{len(adapters)}"
-            seconds[name] = run_variant(*VARIANTS[name], data, settings, adapters[name])
-        print("evaluating on held-out prompts", flush=True)
-        # adapter names go into module names: no dots or spaces
-        named = {f"v{i}": path for i, path in enumerate(adapters.values())}
-        results = evaluate_policies(resolve_base_model(settings), named, heldout, "vader", samples=2)
-    base = results["base"]
-    rows = [["base", f"{base['score']:.3f} ± {base['score_se']:.3f}", "", "0", f"{base['length']:.1f}", ""]]
-    for i, name in enumerate(args.variants):
-        r = results[f"v{i}"]
-        rows.append([name, f"{r['score']:.3f} ± {r['score_se']:.3f}", f"{r['score'] - base['score']:+.3f}",
-                     f"{r['kl']:.1f}", f"{r['length']:.1f}", f"{seconds[name]:.0f}"])
-    table = "\n".join("| " + " | ".join(row) + " |" for row in [HEADER, ["---"] * len(HEADER), *rows])
+    table = compare_variants(
+        resolve_base_model(settings), args.variants,
+        lambda name, out: run_variant(*VARIANTS[name], data, settings, out), heldout, "vader",
+    )
     print(table)
     if args.write:
         machine = (f"{args.threads} torch threads; one run from the base on {len(data.pairs)} comparisons and "
                    f"{len(data.thumbs)} thumbs of simulated users (VADER, noise {UserConfig().noise}) on base "
-                   f"answers, beta {settings.offline_beta}, batch 8, 1 epoch, seed {args.seed}; {len(heldout)} "
-                   "held-out prompts x 2 answers, VADER compound; ± is the standard error of the mean.")
+                   f"answers, beta {settings.offline_beta}, batch 8, {settings.offline_epochs} epoch(s), "
+                   f"seed {args.seed}; {len(heldout)} held-out prompts x 2 answers, VADER compound; "
+                   "± is the standard error of the mean.")
         write_results("One DPO/KTO run by learning rate (bench/offline_sweep.py)", table + "\n", machine,
                       " ".join(["python -m bench.offline_sweep", *sys.argv[1:]]))
         print(f"written ({git_label()})")

@@ -12,14 +12,13 @@ penalty goes (rlhf/ppo.py: PPOConfig.critic, PPOConfig.kl_penalty).
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.loop_eval import evaluate_policies, preference_reward
+from bench.loop_eval import compare_variants, preference_reward
 from bench.preferences import load_prompts
 from bench.serve import git_label, write_results
 from rlhf.modeling import load_base
@@ -35,7 +34,6 @@ VARIANTS = {
     "rloo, no kl": replace(BASE, critic=False, kl_penalty="loss", init_kl_coef=0.0),
     "rloo+kl-loss (default)": replace(BASE, critic=False, kl_penalty="loss", init_kl_coef=0.05),
 }
-HEADER = ["variant", "held-out score", "gain over base", "KL to base", "length", "train s"]
 
 
 def run_variant(config: PPOConfig, iterations: int, prompts: list[str], out: Path) -> float:
@@ -64,22 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train, heldout = load_prompts(split="train"), load_prompts(split="heldout")[: args.eval_prompts]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="ppo-oracle-") as tmp:
-        adapters, seconds = {}, {}
-        for name in args.variants:
-            print(f"{name}: training", flush=True)
-            adapters[name] = Path(tmp) / f"adapter-{len(adapters)}"
-            seconds[name] = run_variant(VARIANTS[name], args.iterations, train, adapters[name])
-        print("evaluating on held-out prompts", flush=True)
-        results = evaluate_policies(resolve_base_model(Settings()), adapters, heldout, "vader", samples=2)
-    base = results["base"]
-    rows.append(["base", f"{base['score']:.3f} ± {base['score_se']:.3f}", "", "0", f"{base['length']:.1f}", ""])
-    for name in args.variants:
-        r = results[name]
-        rows.append([name, f"{r['score']:.3f} ± {r['score_se']:.3f}", f"{r['score'] - base['score']:+.3f}",
-                     f"{r['kl']:.1f}", f"{r['length']:.1f}", f"{seconds[name]:.0f}"])
-    table = "\n".join("| " + " | ".join(row) + " |" for row in [HEADER, ["---"] * len(HEADER), *rows])
+    table = compare_variants(
+        resolve_base_model(Settings()), args.variants,
+        lambda name, out: run_variant(VARIANTS[name], args.iterations, train, out), heldout, "vader",
+    )
     print(table)
     if args.write:
         machine = (f"{args.threads} torch threads; {args.iterations} iterations of 16 answers (4 per prompt), "
