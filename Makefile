@@ -30,12 +30,13 @@ system-deps:
 	test -x /usr/bin/chromium -a -x /usr/sbin/nginx || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light)
 
-test: install system-deps
-	$(BIN)/ruff check service workers rlhf tests bench
+test: lint system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff, and the import contracts that keep the layers (pyproject.toml, [tool.importlinter])
 lint: install
-	$(BIN)/ruff check service workers rlhf tests bench
+	$(BIN)/ruff check service workers rlhf common tests bench
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.serve

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from service.model import resolve_base_model
+from service.engine.model import resolve_base_model
 from service.settings import Settings
 
 ADAPTER = "bench-lora-r16"

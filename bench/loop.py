@@ -33,11 +33,11 @@ from bench.loop_eval import evaluate_policies
 from bench.preferences import load_prompts
 from bench.stack import Stack
 from bench.users import UserConfig, UserStats, run_users
-from rlhf.evaluate import EvalConfig
-from service import feedback_store, registry
-from service.model import resolve_base_model
+from rlhf.config import EvalConfig
+from service.engine.model import resolve_base_model
 from service.settings import Settings
-from workers import runs
+from service.store import feedback_store, registry, runs
+from workers.runs import arun
 
 log = logging.getLogger("bench.loop")
 RESULTS_DIR = Path(__file__).with_name("results")
@@ -118,7 +118,7 @@ def collect(stack: Stack, promoted: list[dict], dest: Path, wall_start: float) -
     """Promoted adapters written out as peft directories, and every run's record (relative times)."""
     settings = Settings(redis_url=stack.redis_url)
     adapters = {
-        p["version"]: runs.arun(settings, registry.export_dir, p["version"], dest / p["version"], raw=True)
+        p["version"]: arun(settings, registry.export_dir, p["version"], dest / p["version"], raw=True)
         for p in promoted
     }
     records = []

@@ -15,9 +15,11 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from bench.preferences import get_preference
-from rlhf.evaluate import EvalConfig, answer_policy
-from rlhf.modeling import LoraSettings, load_base
-from rlhf.ppo import RewardFn, eos_token_ids
+from common.models import eos_token_ids
+from rlhf.config import EvalConfig, LoraSettings
+from rlhf.evaluate import answer_policy
+from rlhf.modeling import load_base, peft_config
+from rlhf.ppo import RewardFn
 
 
 def preference_reward(name: str, eos_ids: set[int]) -> RewardFn:
@@ -35,7 +37,7 @@ def load_policies(base_path: Path, adapters: dict[str, Path]) -> tuple[PeftModel
     """One PeftModel holding every adapter under its version name; with none, a zero LoRA (= the base)."""
     base, tokenizer = load_base(base_path)
     if not adapters:
-        return get_peft_model(base, LoraSettings().peft_config()).eval(), tokenizer
+        return get_peft_model(base, peft_config(LoraSettings())).eval(), tokenizer
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:

@@ -22,13 +22,15 @@ from bench.loop_eval import compare_variants, preference_reward
 from bench.preferences import load_prompts
 from bench.serve import git_label, write_results
 from bench.users import UserConfig, pick, thumb
-from rlhf.data import FeedbackData, Pair, Thumb
+from common.models import eos_token_ids
+from common.records import Pair, Thumb
+from rlhf.data import FeedbackData
 from rlhf.modeling import load_base
 from rlhf.offline import train_offline
-from rlhf.pipeline import config_from_settings
-from rlhf.ppo import eos_token_ids, generate
-from service.model import resolve_base_model
+from rlhf.ppo import generate
+from service.engine.model import resolve_base_model
 from service.settings import Settings
+from workers.config import config_from_settings
 
 VARIANTS = {  # name: (algorithm, learning rate)
     "dpo, lr 1e-3 (default)": ("dpo", 1e-3),

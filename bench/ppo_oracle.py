@@ -21,18 +21,20 @@ import torch
 from bench.loop_eval import compare_variants, preference_reward
 from bench.preferences import load_prompts
 from bench.serve import git_label, write_results
+from common.models import eos_token_ids
+from rlhf.config import PPOConfig
 from rlhf.modeling import load_base
-from rlhf.ppo import PPOConfig, PPOTrainer, eos_token_ids
-from service.model import resolve_base_model
+from rlhf.ppo import PPOTrainer
+from service.engine.model import resolve_base_model
 from service.settings import Settings
 
 # The service's PPO settings (CHATLOOP_PPO_*) except where a variant says otherwise.
-BASE = PPOConfig(batch_size=16, group_size=4, minibatch_size=8, ppo_epochs=2, lr=1e-3, missing_eos_penalty=None)
+BASE = PPOConfig(batch_size=16, group_size=4, minibatch_size=8, epochs=2, lr=1e-3, missing_eos_penalty=None)
 VARIANTS = {
-    "gae+kl-reward": replace(BASE, critic=True, kl_penalty="reward", init_kl_coef=0.05),
-    "rloo+kl-reward": replace(BASE, critic=False, kl_penalty="reward", init_kl_coef=0.05),
-    "rloo, no kl": replace(BASE, critic=False, kl_penalty="loss", init_kl_coef=0.0),
-    "rloo+kl-loss (default)": replace(BASE, critic=False, kl_penalty="loss", init_kl_coef=0.05),
+    "gae+kl-reward": replace(BASE, critic=True, kl_penalty="reward", kl_coef=0.05),
+    "rloo+kl-reward": replace(BASE, critic=False, kl_penalty="reward", kl_coef=0.05),
+    "rloo, no kl": replace(BASE, critic=False, kl_penalty="loss", kl_coef=0.0),
+    "rloo+kl-loss (default)": replace(BASE, critic=False, kl_penalty="loss", kl_coef=0.05),
 }
 
 

@@ -32,10 +32,11 @@ from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
 from bench.adapter import make_adapter
-from service import registry
-from service.launcher import free_port
-from service.model import default_gguf_path, resolve_base_model, resolve_device, resolve_dtype
+from common.models import BASE
+from service.cli.launcher import free_port
+from service.engine.model import default_gguf_path, resolve_base_model, resolve_device, resolve_dtype
 from service.settings import Settings
+from service.store import registry
 
 PROMPTS = [
     "Explain how a bicycle stays upright while moving.",
@@ -201,7 +202,7 @@ def register_production(redis_url: str, adapter_dir: Path | None) -> str:
         try:
             await client.flushdb()
             if adapter_dir is None:
-                return registry.BASE
+                return BASE
             version = await registry.register_dir(client, adapter_dir, {"source": "bench"})
             await registry.promote(client, version, reason="bench")
             return version
@@ -225,7 +226,7 @@ def running_server(data_dir: Path, adapter_dir: Path | None = None, redis_url: s
         "CHATLOOP_LOG_LEVEL": "warning",
     }
     log = tempfile.NamedTemporaryFile("w+", prefix="chatloop-bench-", suffix=".log", delete=False)  # noqa: SIM115
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

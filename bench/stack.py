@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from service.launcher import free_port
+from service.cli.launcher import free_port
 
 
 class Stack:
@@ -43,7 +43,7 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up"], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "service.cli.main", "up"], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()

@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 
 from bench.adapter import make_adapter
 from bench.serve import BENCH_REDIS, git_label, running_server, write_results
-from service import registry
 from service.settings import Settings
+from service.store import registry
 
 MESSAGES = [{"role": "user", "content": "Tell me about rivers."}]
 

@@ -30,12 +30,15 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.serve import write_results
-from rlhf.data import Messages, Pair, build_datasets
+from common.conversations import Messages
+from common.records import Pair
+from rlhf.config import PPOConfig, RewardConfig
+from rlhf.data import build_datasets
 from rlhf.modeling import encode_answer, encode_prompt, load_base
 from rlhf.pipeline import ppo_trainer
-from rlhf.ppo import PPOConfig, PPOTrainer, forward_answers, generate
-from rlhf.reward import RewardConfig, train_reward_model
-from service.model import resolve_base_model
+from rlhf.ppo import PPOTrainer, forward_answers, generate
+from rlhf.reward import train_reward_model
+from service.engine.model import resolve_base_model
 from service.settings import Settings
 
 WORDS = [
@@ -91,7 +94,7 @@ def reward_stage(threads: int, base_path: Path, pairs: list[Pair], out: Path) ->
 def ppo_stage(threads: int, base_path: Path, reward_dir: Path, prompts: list[Messages], bf16: bool) -> dict:
     """One PPO iteration with the shared reward model; memory figures; optionally what bf16 would save."""
     torch.set_num_threads(threads)
-    config = PPOConfig(batch_size=BATCH, minibatch_size=4, ppo_epochs=4, max_new_tokens=NEW_TOKENS)
+    config = PPOConfig(batch_size=BATCH, minibatch_size=4, epochs=4, max_new_tokens=NEW_TOKENS)
     trainer, reward_model = ppo_trainer(reward_dir, base_path, config)
     base = {p.data_ptr(): p for n, p in trainer.policy.named_parameters() if "lora_" not in n}
     held = {p.data_ptr() for n, p in reward_model.body.named_parameters() if "lora_" not in n}

@@ -27,7 +27,7 @@ from bench.preferences import Preference, get_preference
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MODEL = "chatloop"  # the production alias (service.adapters.PRODUCTION_MODEL; not imported: it pulls in torch)
+MODEL = "chatloop"  # the production alias (service.serving.adapters.PRODUCTION_MODEL; not imported: it pulls in torch)
 PROGRESS_EVERY_S = 10.0
 RECENT_ANSWERS = 100  # the window of UserStats.recent_score
 MAX_BACKOFF_S = 10.0
@@ -274,3 +274,64 @@ async def run_users(
             await asyncio.gather(*tasks, everyone, stopped, progress, return_exceptions=True)
     log.info("simulate done: %s", stats.summary())
     return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.users`: simulated users chat with a running server and give feedback."""
+    import argparse
+    import json
+    import signal
+    from pathlib import Path
+
+    from bench.preferences import load_prompts
+    from service.settings import get_settings
+
+    # unset flags keep UserConfig's defaults, so those are written in one place
+    parser = argparse.ArgumentParser(prog="python -m bench.users", description=main.__doc__.split(": ", 1)[1],
+                                     epilog="defaults: UserConfig in bench/users.py")
+    parser.add_argument("--url", help="the server (default: http://127.0.0.1:CHATLOOP_PORT)")
+    parser.add_argument("--preference", help="what the users like: vader (warm answers) or concise "
+                        "(short answers that end properly)")
+    parser.add_argument("--prompts", type=Path, help="prompt file, one a line (default: bench/prompts.txt); "
+                        "train split")
+    parser.add_argument("--users", type=int, help="users talking at once")
+    parser.add_argument("--compare-fraction", type=float, help="share of turns that compare two answers")
+    parser.add_argument("--noise", type=float, help="probability a vote is flipped")
+    parser.add_argument("--threshold", type=float, help="thumb up when an answer scores above this")
+    parser.add_argument("--max-tokens", type=int, help="answer length limit")
+    parser.add_argument("--events", type=int, help="stop after this many feedback events")
+    parser.add_argument("--duration", type=float, help="stop after this many seconds (neither: run until Ctrl-C)")
+    parser.add_argument("--api-key", help="a chatloop key (default: none, anonymous; allowed on loopback)")
+    parser.add_argument("--seed", type=int, help="the users' random seed")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for client in ("httpx", "httpx2"):  # feedback, chat (the openai client): a line per request buries progress
+        logging.getLogger(client).setLevel(logging.WARNING)
+    given = {"preference": args.preference, "compare_fraction": args.compare_fraction, "threshold": args.threshold,
+             "noise": args.noise, "max_tokens": args.max_tokens, "concurrency": args.users, "seed": args.seed}
+    config = UserConfig(**{name: value for name, value in given.items() if value is not None})
+    try:
+        get_preference(config.preference)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    prompts = load_prompts(args.prompts, "train")  # held-out prompts never get feedback
+    if not prompts:
+        raise SystemExit(f"no train-split prompts in {args.prompts}")
+    url = args.url or f"http://127.0.0.1:{get_settings().port}"
+
+    async def simulate() -> UserStats:
+        stop = asyncio.Event()  # Ctrl-C ends the run cleanly, so the stats still print
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        return await run_users(url, prompts, config, stop=stop, max_events=args.events, duration_s=args.duration,
+                               api_key=args.api_key)
+
+    try:
+        stats = asyncio.run(simulate())
+    except (openai.APIStatusError, httpx.HTTPStatusError) as exc:  # retrying cannot help: a bad key, say
+        raise SystemExit(f"simulate stopped: {exc}") from None
+    print(json.dumps(stats.as_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,35 +8,18 @@ collapsed in length or stopped finishing its answers (RLHF_NOTES: reward hacking
 """
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data import Messages
-from rlhf.modeling import Precision, token_logprobs
-from rlhf.ppo import RewardFn, eos_token_ids, forward_answers, generate
+from common.conversations import Messages
+from common.models import eos_token_ids
+from rlhf.config import EvalConfig, GateConfig
+from rlhf.modeling import token_logprobs
+from rlhf.ppo import RewardFn, forward_answers, generate
 from rlhf.ppo_math import kl_k1
-
-
-@dataclass
-class EvalConfig:
-    temperature: float = 0.7
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    seed: int = 0
-    precision: Precision = "bf16"
-
-
-@dataclass
-class GateConfig:
-    min_score_gain: float = 0.0  # candidate's mean normalised score must beat the current one by more
-    max_kl: float = 12.0  # nats per answer to the reference policy
-    min_length_ratio: float = 0.5  # candidate mean length / current mean length
-    max_eos_drop: float = 0.2  # candidate EOS fraction may fall at most this far below the current one
-    min_win_rate: float = 0.0  # fraction of prompts where the reward model prefers the candidate's answer
 
 
 @torch.no_grad()

@@ -9,37 +9,29 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-Precision = Literal["bf16", "fp32"]
+from common.models import ADAPTER_FILES
+from rlhf.config import LoraSettings, Precision
 
 
 def autocast(precision: Precision, device: torch.device | str = "cpu"):
     """Matmuls in bf16 over the fp32 master weights ("bf16"), or plain fp32. On the reference CPU bf16
-    matmuls run 2-2.5x faster (PERFORMANCE.md); LoRA weights, optimiser state, losses, log-softmax and
+    matmuls run 2-2.5x faster (docs/cpu-measurements.md); LoRA weights, optimiser state, losses, log-softmax and
     the heads stay fp32, so only the activations lose precision. Wrap forward passes, not backward."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', not {precision!r}")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules),
-            bias="none", task_type="CAUSAL_LM",
-        )
+def peft_config(lora: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
 
 
 def load_base(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -127,9 +119,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def last_token_index(batch: TokenBatch) -> torch.Tensor:
     """Column of each row's last real token (the end of its answer). (B,)"""
     return batch.prompt_len + batch.response_lengths - 1
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def save_adapter(policy: PeftModel, out_dir: Path) -> Path:

@@ -9,7 +9,7 @@
 
 The reference is the raw base (adapter disabled), always: each round continues from the production adapter,
 but the KL is measured to the one fixed reference, never to the previous round's adapter (which would let the
-policy drift a full KL budget further every round; RLHF_NOTES.md, as in rlhf/ppo.py).
+policy drift a full KL budget further every round; as in rlhf/ppo.py).
 
 Data (training side of FeedbackData; the held-out side is for evaluation): DPO takes the preference pairs plus
 the pairs thumbs form (every up-voted x every down-voted answer to the same prompt); KTO takes the thumbs as
@@ -21,7 +21,6 @@ import random
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
@@ -30,47 +29,18 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from rlhf.data import FeedbackData, Messages, Pair, Thumb, prompt_key
-from rlhf.modeling import LoraSettings, save_adapter
-
-ALGORITHMS = ("dpo", "kto")
-
-
-@dataclass
-class OfflineConfig:
-    algorithm: str = "dpo"  # "dpo" | "kto"
-    beta: float = 0.1  # the DPO and KTO papers' default
-    # Full fine-tunes run DPO at 5e-7..1e-6 (DPO paper, Zephyr) and LoRA wants ~10x a full fine-tune's rate
-    # (TRL's PEFT guide; "LoRA Without Regret"): 5e-6..1e-5. A round here is only tens of steps from the
-    # production adapter, so 5x that again; beta keeps the policy near the base and rlhf/evaluate.py gates the rest.
-    lr: float = 5e-5
-    epochs: float = 1
-    batch_size: int = 8  # pairs (DPO) or labelled answers (KTO: must be > 1, its KL estimate uses the batch)
-    grad_accum: int = 1
-    warmup: float = 0.1  # fraction of the steps: linear warmup, then linear decay
-    # TRL 1.16 has a single max_length (= these two added) and keeps the start: an answer past it loses its
-    # end, and an example whose prompt alone fills it is dropped.
-    max_prompt_tokens: int = 512
-    max_answer_tokens: int = 256
-    # CPU bf16 autocast over the fp32 weights. Measured with SmolLM2-135M, DPO on 64 pairs of ~55-token
-    # answers, on this 2-core EPYC (avx512_bf16; another job sharing it): 2.4 s/pair vs 3.5 in fp32 at 1 thread,
-    # 2.0 vs 4.2 at 2; peak RSS 5.1 vs 6.4 GB; the adapter it learns scores the same in fp32 (margin 0.64).
-    # TRL's logged rewards are bf16 too and understate it (0.19), likely because bf16 activations round away
-    # the small early LoRA deltas. CPUs without bf16 instructions want False.
-    bf16: bool = True
-    seed: int = 0
-    lora: LoraSettings = field(default_factory=LoraSettings)  # for a fresh adapter; a loaded one keeps its own
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown offline algorithm {self.algorithm!r}: expected one of {ALGORITHMS}")
+from common.conversations import Messages, conversation_id
+from common.records import Pair, Thumb
+from rlhf.config import OfflineConfig
+from rlhf.data import FeedbackData
+from rlhf.modeling import peft_config, save_adapter
 
 
 def thumb_pairs(thumbs: list[Thumb]) -> list[Pair]:
     """Every up-voted answer x every down-voted answer to the same prompt, as a pair."""
     by_prompt: dict[str, tuple[list[Thumb], list[Thumb]]] = defaultdict(lambda: ([], []))
     for thumb in thumbs:
-        by_prompt[prompt_key(thumb.prompt)][0 if thumb.label else 1].append(thumb)
+        by_prompt[conversation_id(thumb.prompt)][0 if thumb.label else 1].append(thumb)
     return [
         Pair(up.prompt, up.answer, down.answer)
         for ups, downs in by_prompt.values() for up in ups for down in downs if up.answer != down.answer
@@ -118,10 +88,10 @@ class ReportProgress(TrainerCallback):
 
 def policy_peft_config(config: OfflineConfig, init_adapter_dir: Path | None) -> PeftConfig:
     if init_adapter_dir is None:
-        return config.lora.peft_config()
-    peft_config = PeftConfig.from_pretrained(init_adapter_dir)
-    peft_config.inference_mode = False  # saved adapters say True; TRL would then create a frozen one
-    return peft_config
+        return peft_config(config.lora)
+    loaded = PeftConfig.from_pretrained(init_adapter_dir)
+    loaded.inference_mode = False  # saved adapters say True; TRL would then create a frozen one
+    return loaded
 
 
 def load_init_adapter(policy: PeftModel, init_adapter_dir: Path) -> None:
@@ -146,7 +116,8 @@ def trainer_args(config: OfflineConfig, rows: list[dict], output_dir: str, quiet
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         warmup_steps=warmup_steps(config, len(rows)), beta=config.beta,
         max_length=config.max_prompt_tokens + config.max_answer_tokens,
-        bf16=config.bf16, seed=config.seed, use_cpu=True, activation_checkpointing=False, logging_steps=1,
+        bf16=config.precision == "bf16", seed=config.seed, use_cpu=True, activation_checkpointing=False,
+        logging_steps=1,
         save_strategy="no", report_to="none", push_to_hub=False, dataloader_pin_memory=False, disable_tqdm=quiet,
     )
     if config.algorithm == "dpo":

@@ -15,40 +15,24 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.data import FeedbackData, build_datasets, load_records
-from rlhf.evaluate import EvalConfig, GateConfig, compare_policies, gate, load_policies
-from rlhf.modeling import LoraSettings, load_base
-from rlhf.offline import OfflineConfig, train_offline
-from rlhf.ppo import PPOConfig, PPOTrainer
-from rlhf.reward import META_FILE, RewardConfig, RewardModel, train_reward_model
-
-if TYPE_CHECKING:
-    from service.settings import Settings
+from common.records import load_records
+from rlhf.config import PipelineConfig, PPOConfig
+from rlhf.data import FeedbackData, build_datasets
+from rlhf.evaluate import compare_policies, gate, load_policies
+from rlhf.modeling import load_base
+from rlhf.offline import train_offline
+from rlhf.ppo import PPOTrainer
+from rlhf.reward import META_FILE, RewardModel, train_reward_model
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 STATS_FILE = "ppo_stats.json"
-
-
-@dataclass
-class PipelineConfig:
-    algorithm: str = "ppo"  # "ppo" | "dpo" | "kto": how train_policy updates the policy
-    heldout_fraction: float = 0.1
-    max_records: int = 0  # train on the newest this many feedback records (0: all)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    ppo_iterations: int = 8
-    offline: OfflineConfig = field(default_factory=OfflineConfig)  # DPO / KTO (offline.algorithm is set to match)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    max_eval_prompts: int = 64
 
 
 def load_feedback(data_path: Path, heldout_fraction: float, max_records: int = 0) -> FeedbackData:
@@ -63,7 +47,7 @@ def train_reward(
 ) -> dict:
     """Train a reward model on an exported feedback file, continuing from init_reward (the previous run's
     reward model) when given and of the same LoRA shape; returns its metrics."""
-    data = load_feedback(data_path, config.heldout_fraction, config.max_records)
+    data = load_feedback(data_path, config.heldout_fraction, config.train_window)
     report = (lambda step, total, m: progress("reward", step, total, m)) if progress else None
     base, tokenizer = load_base(base_path)
     try:
@@ -101,7 +85,7 @@ def train_policy(
     """The new adapter, starting from init_adapter: PPO against the reward model on the prompts users sent,
     or DPO / KTO (TRL) on the training side of the feedback itself; the reward model then only judges
     the candidate in evaluate_candidate, the same gate for every algorithm."""
-    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.max_records)
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.train_window)
     if config.algorithm in ("dpo", "kto"):
         base, tokenizer = load_base(base_path)
         offline = replace(config.offline, algorithm=config.algorithm)
@@ -114,8 +98,8 @@ def train_policy(
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
     trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter)
-    report = (lambda i, stats: progress("ppo", i, config.ppo_iterations, stats)) if progress else None
-    history = trainer.train(data.prompts, config.ppo_iterations, report)
+    report = (lambda i, stats: progress("ppo", i, config.ppo.iterations, stats)) if progress else None
+    history = trainer.train(data.prompts, config.ppo.iterations, report)
     trainer.save_adapter(out_dir)
     (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(config.ppo), "history": history}, default=str))
     return history
@@ -135,11 +119,11 @@ def evaluate_candidate(
     data_path: Path | None = None,
 ) -> dict:
     """The candidate against the current policy on held-out prompts; metrics plus the gate's verdict."""
-    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.max_records)
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.train_window)
     # Held-out prompts first; when they are few (a tenth of a young run's prompts is a handful), training
-    # prompts fill up to max_eval_prompts: a verdict on 7 answers is a coin toss, and the candidate's answers
+    # prompts fill up to config.eval.prompts: a verdict on 7 answers is a coin toss, and the candidate's answers
     # are fresh samples either way.
-    prompts = [*data.heldout_prompts, *data.prompts][: config.max_eval_prompts]
+    prompts = [*data.heldout_prompts, *data.prompts][: config.eval.prompts]
     model, tokenizer, reward_model = eval_models(reward_dir, base_path, candidate_dir, current_adapter)
     started = time.monotonic()
     metrics = compare_policies(model, tokenizer, reward_model.reward_fn(tokenizer), prompts, config.eval)
@@ -147,41 +131,3 @@ def evaluate_candidate(
     metrics["eval/heldout"] = min(len(data.heldout_prompts), len(prompts)) / len(prompts)  # held-out share
     accepted, reasons = gate(metrics, config.gate)
     return {"metrics": metrics, "accepted": accepted, "reasons": reasons}
-
-
-def lora_settings(r: int, alpha: int, dropout: float, targets: list[str]) -> LoraSettings:
-    return LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
-
-
-def config_from_settings(settings: "Settings") -> PipelineConfig:
-    """The pipeline as the service's settings (CHATLOOP_*) configure it: for the workers and the CLI alike."""
-    config = PipelineConfig(algorithm=settings.algorithm, max_records=settings.train_window)
-    config.reward.epochs = settings.reward_epochs
-    config.reward.lr = settings.reward_lr
-    config.reward.batch_size = settings.reward_batch_size
-    config.reward.lora = config.ppo.lora = config.offline.lora = lora_settings(
-        settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.lora_target_modules
-    )
-    config.reward.precision = config.ppo.precision = config.eval.precision = settings.train_precision
-    config.offline.bf16 = settings.train_precision == "bf16"
-    config.ppo_iterations = settings.ppo_iterations
-    config.ppo.batch_size = settings.ppo_batch_size
-    config.ppo.group_size = settings.ppo_group_size
-    config.ppo.minibatch_size = settings.ppo_minibatch_size
-    config.ppo.ppo_epochs = settings.ppo_epochs
-    config.ppo.lr = settings.ppo_lr
-    config.ppo.init_kl_coef = settings.ppo_kl_coef
-    config.ppo.critic = settings.ppo_critic
-    config.ppo.kl_penalty = settings.ppo_kl_penalty
-    config.ppo.missing_eos_penalty = settings.ppo_missing_eos_penalty
-    config.ppo.max_new_tokens = config.eval.max_new_tokens = settings.ppo_max_new_tokens
-    config.offline.algorithm = settings.algorithm if settings.algorithm != "ppo" else "dpo"
-    config.offline.lr = settings.offline_lr
-    config.offline.epochs = settings.offline_epochs
-    config.offline.beta = settings.offline_beta
-    config.max_eval_prompts = settings.eval_prompts
-    config.gate.min_score_gain = settings.gate_min_score_gain
-    config.gate.max_kl = settings.gate_max_kl
-    config.gate.min_length_ratio = settings.gate_min_length_ratio
-    config.gate.min_win_rate = settings.gate_min_win_rate
-    return config

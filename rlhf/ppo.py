@@ -8,30 +8,30 @@ is a Linear on the policy's last hidden states (shared trunk). Without it (criti
 default) every token's advantage is the answer's score baselined on its group siblings (RLOO), and
 with kl_penalty="loss" the KL to the reference is a k3 term of the loss rather than a per-token reward.
 Every logprob used for the ratio and the KL is recomputed here, in the trainer's own precision, with
-logits divided by the sampling temperature (RLHF_NOTES.md).
+logits divided by the sampling temperature (Huang et al., "The N Implementation Details of RLHF with PPO").
 """
 
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data import Messages
+from common.conversations import Messages
+from common.models import eos_token_ids
+from rlhf.config import PPOConfig, Precision
 from rlhf.modeling import (
-    LoraSettings,
-    Precision,
     TokenBatch,
     autocast,
     build_batch,
     encode_prompt,
     forward,
+    peft_config,
     save_adapter,
     token_logprobs,
 )
@@ -53,38 +53,6 @@ from rlhf.ppo_math import (
 
 # (prompt conversations, answer texts, answer token ids incl. EOS if produced) -> one score per answer (B,)
 RewardFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor]
-
-
-@dataclass
-class PPOConfig:
-    batch_size: int = 16  # answers per rollout batch
-    group_size: int = 1  # answers per prompt in a batch; > 1 baselines each score on its siblings (leave_one_out)
-    minibatch_size: int = 4
-    ppo_epochs: int = 4
-    lr: float = 1e-4
-    max_new_tokens: int = 64
-    temperature: float = 0.7  # sampling temperature; training logprobs use logits / the same value
-    critic: bool = True  # False: no value head; each token's advantage is its reward-to-go (the group-baselined
-    # score plus the KL penalties after it), REINFORCE/RLOO style under the same clipped objective
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda (with the critic)
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    init_kl_coef: float = 0.05
-    # "reward": -kl_coef * (logp - logp_ref) on every token's reward (Ziegler et al.); "loss": the reward is the
-    # score alone and kl_coef * (the token mean of k3) joins the loss (GRPO): each token's log-ratio is noise
-    # that the reward-to-go sums over the rest of the answer, and without a critic nothing averages it out
-    kl_penalty: Literal["reward", "loss"] = "reward"
-    adaptive_kl: bool = False
-    target_kl: float = 6.0  # nats per answer (lm-human-preferences)
-    kl_horizon: int = 10000  # in answers
-    missing_eos_penalty: float | None = -1.0  # score of an answer cut off at max_new_tokens; None keeps the RM's
-    whiten_rewards: bool = False
-    seed: int = 0
-    precision: Precision = "bf16"  # forward passes (sampling included) under bf16 autocast; see modeling.autocast
-    lora: LoraSettings = field(default_factory=LoraSettings)  # for a fresh adapter; a loaded one keeps its own
 
 
 @dataclass
@@ -129,11 +97,6 @@ def forward_answers(
     return logits, values
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    gen_eos = model.generation_config.eos_token_id
-    return ({tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])) - {None}
-
-
 @torch.no_grad()
 def generate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], temperature: float,
@@ -169,7 +132,7 @@ class PPOTrainer:
         if init_adapter_dir is not None:
             self.policy = PeftModel.from_pretrained(base_model, init_adapter_dir, is_trainable=True)
         else:
-            self.policy = get_peft_model(base_model, config.lora.peft_config())
+            self.policy = get_peft_model(base_model, peft_config(config.lora))
         self.policy.eval()  # dropout off in rollouts and updates alike; eval mode still lets gradients through
         self.device = base_model.device
         self.value_head = ValueHead(base_model.config.hidden_size).to(self.device) if config.critic else None
@@ -178,9 +141,9 @@ class PPOTrainer:
             self.params += list(self.value_head.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, eps=1e-5)
         if config.adaptive_kl:
-            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+            self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
-            self.kl_ctl = FixedKLController(config.init_kl_coef)
+            self.kl_ctl = FixedKLController(config.kl_coef)
         self.eos_ids = eos_token_ids(base_model, tokenizer)
         self.rng = random.Random(config.seed)
 
@@ -285,10 +248,10 @@ class PPOTrainer:
     def train_minibatches(
         self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor
     ) -> dict[str, float]:
-        """ppo_epochs passes over the rollout batch in shuffled minibatches; the mean of each loss term."""
+        """`epochs` passes over the rollout batch in shuffled minibatches; the mean of each loss term."""
         c = self.config
         totals = defaultdict(list)
-        for _ in range(c.ppo_epochs):
+        for _ in range(c.epochs):
             for rows in torch.randperm(len(rollouts.prompts), device=self.device).split(c.minibatch_size):
                 batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
                 logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)

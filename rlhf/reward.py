@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,16 +24,18 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data import FeedbackData, Messages, Pair, Thumb, prompt_key
+from common.conversations import Messages, conversation_id
+from common.records import Pair, Thumb
+from rlhf.config import RewardConfig
+from rlhf.data import FeedbackData
 from rlhf.modeling import (
-    LoraSettings,
-    Precision,
     TokenBatch,
     build_batch,
     encode_answer,
     encode_prompt,
     forward,
     last_token_index,
+    peft_config,
 )
 from rlhf.ppo import RewardFn
 
@@ -45,26 +47,6 @@ ADAPTER = "reward"  # the reward model's adapter name, alone on its base or besi
 
 Progress = Callable[[int, int, dict], None]
 Tokenizer = PreTrainedTokenizerBase
-
-
-@dataclass
-class RewardConfig:
-    lr: float = 3e-4
-    epochs: int = 2
-    batch_size: int = 16  # feedback items (a pair or a thumb) per optimiser step
-    thumb_weight: float = 0.5  # a thumb says less than a comparison: it has no reference answer
-    max_prompt_tokens: int = 512  # a longer conversation keeps its end, which the answer replies to
-    max_answer_tokens: int = 256
-    max_grad_norm: float = 1.0
-    score_batch_size: int = 32  # rows per forward pass when scoring without gradients
-    seed: int = 0
-    precision: Precision = "bf16"  # the body's forward under bf16 autocast (modeling.autocast); the head is fp32
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RewardConfig":
-        lora = LoraSettings(**{**d["lora"], "target_modules": tuple(d["lora"]["target_modules"])})
-        return cls(**{**d, "lora": lora})
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -96,11 +78,11 @@ class RewardModel(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             if self.shared:
-                model.add_adapter(adapter_name, config.lora.peft_config())
+                model.add_adapter(adapter_name, peft_config(config.lora))
                 model.set_requires_grad(adapter_name, requires_grad=False)  # PPO must never train it
                 self.body = model
             else:
-                self.body = get_peft_model(model, config.lora.peft_config(), adapter_name=adapter_name)
+                self.body = get_peft_model(model, peft_config(config.lora), adapter_name=adapter_name)
             self.head = torch.nn.Linear(hidden, 1)
             # lm-human-preferences' init: unit-scale scores at the start, no offset.
             torch.nn.init.normal_(self.head.weight, std=(hidden + 1) ** -0.5)
@@ -162,7 +144,7 @@ class RewardModel(torch.nn.Module):
         cache: dict[str, list[int]] = {}
         prompt_ids = []
         for prompt in prompts:
-            key = prompt_key(prompt)
+            key = conversation_id(prompt)
             if key not in cache:
                 cache[key] = encode_prompt(tokenizer, prompt)[-self.config.max_prompt_tokens :]
             prompt_ids.append(cache[key])
@@ -367,7 +349,7 @@ def train_reward_model(
                 progress(step, total, {"reward/train_loss": epoch_losses[-1]})
 
     # The training answers came from the serving policy: calibrate on them (distinct ones only).
-    unique = {(prompt_key(p), a): (p, a) for p, a in zip(prompts, answers, strict=True)}
+    unique = {(conversation_id(p), a): (p, a) for p, a in zip(prompts, answers, strict=True)}
     raw = model.raw_scores(tokenizer, [p for p, _ in unique.values()], [a for _, a in unique.values()])
     model.calibrate(raw)
     metrics = {

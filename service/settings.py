@@ -7,6 +7,20 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The training knobs' defaults live with the training code (plain dataclasses, no torch): one source.
+from rlhf.config import (
+    Algorithm,
+    EvalConfig,
+    GateConfig,
+    KLPenalty,
+    LoraSettings,
+    OfflineConfig,
+    PipelineConfig,
+    PPOConfig,
+    Precision,
+    RewardConfig,
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATLOOP_", env_file=".env", extra="ignore")
@@ -67,75 +81,90 @@ class Settings(BaseSettings):
     task_visibility_timeout_s: int | None = Field(
         None, ge=5, description="Unacked stages are redelivered after this (default: time limit + 5 min)."
     )
-    algorithm: Literal["ppo", "dpo", "kto"] = Field(
-        "ppo", description="How the policy learns from feedback: PPO against the reward model, or TRL's DPO "
-        "(comparisons) or KTO (thumbs) directly on the logged feedback.",
+    algorithm: Algorithm = Field(
+        PipelineConfig.algorithm, description="How the policy learns from feedback: PPO against the reward model, "
+        "or TRL's DPO (comparisons) or KTO (thumbs) directly on the logged feedback.",
     )
-    train_precision: Literal["bf16", "fp32"] = Field(
-        "bf16", description="Training forward passes under bf16 autocast (fp32 master weights), or plain fp32."
+    train_precision: Precision = Field(
+        RewardConfig.precision, description="Training forward passes under bf16 autocast (fp32 master weights), "
+        "or plain fp32.",
     )
     train_threads: int | None = Field(
         None, ge=1, description="torch threads of a training stage (unset: all cores; `chatloop up` leaves "
         "one core to the API).",
     )
-    reward_epochs: int = Field(1, ge=1, description="Reward model epochs per training run.")
-    reward_lr: float = Field(5e-4, gt=0, description="Reward model learning rate (its LoRA and head).")
-    reward_warm_start: bool = Field(
-        True, description="Start each run's reward model from the previous run's, so that it keeps what earlier "
-        "feedback taught (each run trains on the newest train_window records only).",
-    )
-    reward_batch_size: int = Field(8, ge=1, description="Feedback items (a pair or a thumb) per reward model step.")
     train_window: int = Field(
-        150, ge=0, description="Newest feedback records a run trains on (0: all): keeps a run's cost flat as "
-        "feedback piles up, and its data close to the current policy.",
+        PipelineConfig.train_window, ge=0, description="Newest feedback records a run trains on (0: all): keeps a "
+        "run's cost flat as feedback piles up, and its data close to the current policy.",
     )
-    ppo_iterations: int = Field(8, ge=1, description="PPO iterations per training run.")
-    ppo_batch_size: int = Field(16, ge=1, description="Prompts (answers) per PPO iteration.")
+    reward_epochs: int = Field(RewardConfig.epochs, ge=1, description="Reward model epochs per training run.")
+    reward_lr: float = Field(RewardConfig.lr, gt=0, description="Reward model learning rate (its LoRA and head).")
+    reward_warm_start: bool = Field(
+        RewardConfig.warm_start, description="Start each run's reward model from the previous run's, so that it "
+        "keeps what earlier feedback taught (each run trains on the newest train_window records only).",
+    )
+    reward_batch_size: int = Field(
+        RewardConfig.batch_size, ge=1, description="Feedback items (a pair or a thumb) per reward model step."
+    )
+    ppo_iterations: int = Field(PPOConfig.iterations, ge=1, description="PPO iterations per training run.")
+    ppo_batch_size: int = Field(PPOConfig.batch_size, ge=1, description="Prompts (answers) per PPO iteration.")
     ppo_group_size: int = Field(
-        4, ge=1, description="Answers per prompt in a PPO batch; each score is baselined on its siblings' mean "
-        "(RLOO), so the prompt's own effect cancels. 1: one answer per prompt.",
+        PPOConfig.group_size, ge=1, description="Answers per prompt in a PPO batch; each score is baselined on its "
+        "siblings' mean (RLOO), so the prompt's own effect cancels. 1: one answer per prompt.",
     )
-    ppo_minibatch_size: int = Field(8, ge=1, description="Answers per PPO gradient step.")
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each PPO batch.")
-    ppo_lr: float = Field(1e-3, gt=0, description="Policy (LoRA) learning rate in PPO.")
+    ppo_minibatch_size: int = Field(PPOConfig.minibatch_size, ge=1, description="Answers per PPO gradient step.")
+    ppo_epochs: int = Field(PPOConfig.epochs, ge=1, description="Passes over each PPO batch.")
+    ppo_lr: float = Field(PPOConfig.lr, gt=0, description="Policy (LoRA) learning rate in PPO.")
     ppo_critic: bool = Field(
-        False, description="Train a value head for GAE advantages. Off: each token's advantage is the answer's "
-        "group-baselined score (RLOO); a fresh critic's noise swamped the signal of 8 iterations (bench/RESULTS.md).",
+        PPOConfig.critic, description="Train a value head for GAE advantages. Off: each token's advantage is the "
+        "answer's group-baselined score (RLOO).",
     )
-    ppo_kl_penalty: Literal["reward", "loss"] = Field(
-        "loss", description="Where the KL to the base enters PPO: 'reward' (a per-token penalty in the reward) "
-        "or 'loss' (a k3 term in the loss, as GRPO), which keeps each token's log-ratio noise out of the advantages.",
+    ppo_kl_penalty: KLPenalty = Field(
+        PPOConfig.kl_penalty, description="Where the KL to the base enters PPO: 'reward' (a per-token penalty in the "
+        "reward) or 'loss' (a k3 term in the loss, as GRPO), which keeps each token's log-ratio noise out of the "
+        "advantages.",
     )
-    ppo_kl_coef: float = Field(0.05, ge=0, description="Weight of the KL to the base (see ppo_kl_penalty).")
-    ppo_max_new_tokens: int = Field(64, ge=1, description="Answer length during PPO and evaluation.")
+    ppo_kl_coef: float = Field(PPOConfig.kl_coef, ge=0, description="Weight of the KL to the base (ppo_kl_penalty).")
+    ppo_max_new_tokens: int = Field(
+        PPOConfig.max_new_tokens, ge=1, description="Answer length during PPO and evaluation."
+    )
     ppo_missing_eos_penalty: float | None = Field(
-        None, description="Score of an answer cut off at the length limit (unset: the reward model's own). "
-        "Off by default: most SmolLM2 answers run past 64 tokens, so a penalty would teach brevity.",
+        PPOConfig.missing_eos_penalty, description="Score of an answer cut off at the length limit (unset: the "
+        "reward model's own).",
     )
-    offline_lr: float = Field(1e-3, gt=0, description="Policy learning rate of DPO/KTO.")
-    offline_epochs: int = Field(1, ge=1, description="DPO/KTO epochs over all logged feedback per run.")
-    offline_beta: float = Field(0.1, gt=0, description="DPO/KTO beta: how far from the base the policy may move.")
-    eval_prompts: int = Field(32, ge=1, description="Held-out prompts the gate evaluates on.")
+    offline_lr: float = Field(OfflineConfig.lr, gt=0, description="Policy learning rate of DPO/KTO.")
+    offline_epochs: int = Field(OfflineConfig.epochs, ge=1, description="DPO/KTO epochs over the training window.")
+    offline_beta: float = Field(
+        OfflineConfig.beta, gt=0, description="DPO/KTO beta: how far from the base the policy may move."
+    )
+    eval_prompts: int = Field(EvalConfig.prompts, ge=1, description="Held-out prompts the gate evaluates on.")
     gate_min_score_gain: float = Field(
-        -0.25, description="Candidate's mean reward-model score (in production-answer std units) must beat "
-        "production's by more. Slightly negative by default: a reward model from ~150 noisy votes is close to "
-        "chance on 32 answers, so the gate leans on its KL, length and EOS checks until it has more data.",
+        GateConfig.min_score_gain, description="Candidate's mean reward-model score (in production-answer std "
+        "units) must beat production's by more.",
     )
-    gate_max_kl: float = Field(12.0, ge=0, description="Largest KL to the base (nats per answer) a candidate may have.")
-    gate_min_length_ratio: float = Field(0.5, ge=0, description="Candidate/production mean answer length floor.")
-    gate_min_win_rate: float = Field(0.0, ge=0, le=1, description="Reward-model win rate the candidate needs.")
+    gate_max_kl: float = Field(
+        GateConfig.max_kl, ge=0, description="Largest KL to the base (nats per answer) a candidate may have."
+    )
+    gate_min_length_ratio: float = Field(
+        GateConfig.min_length_ratio, ge=0, description="Candidate/production mean answer length floor."
+    )
+    gate_max_eos_drop: float = Field(
+        GateConfig.max_eos_drop, ge=0, le=1, description="How far the candidate's share of answers ending in EOS "
+        "may fall below production's.",
+    )
+    gate_min_win_rate: float = Field(
+        GateConfig.min_win_rate, ge=0, le=1, description="Reward-model win rate the candidate needs."
+    )
     gate_arena_votes: int = Field(
         0, ge=0, description="Live arena votes against production a candidate needs before promotion (0: none)."
     )
     gate_arena_min_win_rate: float = Field(0.5, ge=0, le=1, description="Arena win rate a candidate needs.")
 
     # LoRA shape for new adapters (training)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] = Field(
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    lora_r: int = Field(LoraSettings.r, ge=1)
+    lora_alpha: int = Field(LoraSettings.alpha, ge=1)
+    lora_dropout: float = Field(LoraSettings.dropout, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(default=list(LoraSettings.target_modules))
 
     log_level: str = "info"
 

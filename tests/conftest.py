@@ -7,13 +7,11 @@ import pytest
 import redis
 import redis.asyncio
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from service.model import default_gguf_path
+from service.engine.model import default_gguf_path
 from service.settings import Settings
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.models import make_adapter
 
 
 @pytest.fixture(scope="session")
@@ -30,18 +28,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, b_std: float = 0.5, r: int = 8) -> Path:
-    """A LoRA adapter with random (non-zero) B, so it visibly changes the model's output."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=b_std)
-    peft_model.save_pretrained(out)
     return out
 
 

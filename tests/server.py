@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.launcher import free_port
+from service.cli.launcher import free_port
 
 
 def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str, str]:
@@ -22,6 +22,18 @@ def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str
         "CHATLOOP_MAX_CONTEXT": "256", "CHATLOOP_REDIS_URL": redis_url,
         "CHATLOOP_CHAT_REQUESTS_PER_MINUTE": "0", "CHATLOOP_FEEDBACK_REQUESTS_PER_MINUTE": "0",
     }
+
+
+
+# Training small enough for the tiny model to finish a whole run in seconds, and a gate that passes anything.
+TRAINING = {
+    "CHATLOOP_REWARD_EPOCHS": "1", "CHATLOOP_PPO_ITERATIONS": "1", "CHATLOOP_PPO_BATCH_SIZE": "4",
+    "CHATLOOP_PPO_MAX_NEW_TOKENS": "8", "CHATLOOP_EVAL_PROMPTS": "4", "CHATLOOP_LORA_R": "4",
+    "CHATLOOP_LORA_ALPHA": "8", "CHATLOOP_MIN_NEW_FEEDBACK": "6", "CHATLOOP_THREADS": "1", "OMP_NUM_THREADS": "1",
+    "CHATLOOP_PIPELINE_LOCK_TTL_S": "45", "CHATLOOP_TASK_VISIBILITY_TIMEOUT_S": "60",
+}
+ACCEPT_ALL = {"CHATLOOP_GATE_MIN_SCORE_GAIN": "-1000", "CHATLOOP_GATE_MAX_KL": "1000",
+              "CHATLOOP_GATE_MIN_LENGTH_RATIO": "0"}
 
 
 @contextlib.contextmanager
@@ -39,7 +51,7 @@ def running_server(
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
             env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"

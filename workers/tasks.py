@@ -6,18 +6,20 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from service import feedback_store, registry
-from service.feedback_export import export_feedback
-from service.leaderboard import arena_outcomes, head_to_head
+from common.models import BASE
+from service.feedback.leaderboard import arena_outcomes, head_to_head
 from service.settings import Settings, get_settings
-from workers import runs
+from service.store import feedback_store, registry, runs
+from service.store.export import export_feedback
 from workers.celery_app import app
+from workers.config import config_from_settings
+from workers.runs import arun, stage, start_pipeline
 
 FEEDBACK = "feedback.jsonl"
 
 
 def base_path(settings: Settings) -> Path:
-    from service.model import resolve_base_model
+    from service.engine.model import resolve_base_model
 
     return resolve_base_model(settings)
 
@@ -44,24 +46,9 @@ def previous_reward_model(settings: Settings, run_id: str, dest: Path) -> Path |
 
 def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
     """A registry version written out as a peft directory; None for the base (no adapter)."""
-    if version == registry.BASE:
+    if version == BASE:
         return None
-    return runs.arun(settings, registry.export_dir, version, dest, raw=True)
-
-
-async def claim_feedback(redis: Redis, consumer: str) -> tuple[list[str], int]:
-    """The events this run covers, through the trainers' consumer group: first any a crashed run left
-    unacknowledged (only one run holds the lock, so every pending event is such a leftover), then the
-    new ones. They are acked when the run ends. Also the event count, the 'new since' baseline."""
-    ids = [i for i, _ in await feedback_store.claim_stale(redis, consumer, min_idle_ms=0, count=10_000)]
-    while batch := await feedback_store.read_new(redis, consumer, count=1000):
-        ids += [i for i, _ in batch]
-    return ids, (await feedback_store.stats(redis)).get("events", 0)
-
-
-async def finish_feedback(redis: Redis, event_ids: list[str], events_seen: int) -> None:
-    await feedback_store.ack(redis, event_ids)
-    await feedback_store.mark_trained(redis, events_seen)
+    return arun(settings, registry.export_dir, version, dest, raw=True)
 
 
 async def arena_record(redis: Redis, candidate: str) -> tuple[str, int, float]:
@@ -78,12 +65,12 @@ def settle_arena(settings: Settings) -> dict | None:
     if not waiting:
         return None
     run = waiting[0]
-    production, votes, win_rate = runs.arun(settings, arena_record, run["candidate"])
+    production, votes, win_rate = arun(settings, arena_record, run["candidate"])
     verdict = {"run_id": run["id"], "votes": votes, "win_rate": win_rate}
     if votes < settings.gate_arena_votes:
         return verdict | {"status": "awaiting_arena"}
     if win_rate >= settings.gate_arena_min_win_rate:
-        runs.arun(settings, registry.promote, run["candidate"], f"run {run['id']}: won the arena {win_rate:.2f}")
+        arun(settings, registry.promote, run["candidate"], f"run {run['id']}: won the arena {win_rate:.2f}")
         status = "promoted"
     else:
         status = "rejected"
@@ -98,10 +85,10 @@ def maybe_retrain() -> dict:
     arena = settle_arena(settings)
     if arena is not None and arena["status"] == "awaiting_arena":
         return {"run_id": None, "reason": f"a candidate is in the arena ({arena['votes']} votes)", "arena": arena}
-    new = runs.arun(settings, feedback_store.stats).get("new_since_training", 0)
+    new = arun(settings, feedback_store.stats).get("new_since_training", 0)
     if new < settings.min_new_feedback:
         return {"run_id": None, "reason": f"{new} new feedback events, {settings.min_new_feedback} needed"}
-    run_id = runs.start_pipeline(app, settings, trigger="schedule")
+    run_id = start_pipeline(app, settings, trigger="schedule")
     return {"run_id": run_id, "reason": f"{new} new feedback events" if run_id else "a run is in progress"}
 
 
@@ -110,19 +97,19 @@ def train_reward(self, run_id: str) -> str:
     from rlhf import pipeline
 
     settings = get_settings()
-    with runs.stage(self, settings, run_id, "reward") as s:
+    with stage(self, settings, run_id, "reward") as s:
         if "reward_metrics" in s.run:
             return run_id
-        event_ids, events_seen = runs.arun(settings, claim_feedback, f"run-{run_id}")
+        events_seen = arun(settings, feedback_store.stats).get("events", 0)  # the "new since" mark, once done
         data = s.work / "data"
-        export = runs.arun(settings, export_feedback, data / FEEDBACK, "all")
-        config = pipeline.config_from_settings(settings)
+        export = arun(settings, export_feedback, data / FEEDBACK, "all")
+        config = config_from_settings(settings)
         previous = previous_reward_model(settings, run_id, s.work / "previous_rm")
         metrics = pipeline.train_reward(data / FEEDBACK, base_path(settings), s.work / "rm", config, s.progress,
                                         previous)
         runs.put_dir(settings, run_id, "data", data)
         runs.put_dir(settings, run_id, "reward", s.work / "rm")
-        s.update(reward_metrics=metrics, export=export, event_ids=event_ids, events_seen=events_seen)
+        s.update(reward_metrics=metrics, export=export, events_seen=events_seen)
     return run_id
 
 
@@ -131,18 +118,18 @@ def train_policy(self, run_id: str) -> str:
     from rlhf import pipeline
 
     settings = get_settings()
-    with runs.stage(self, settings, run_id, "policy") as s:
+    with stage(self, settings, run_id, "policy") as s:
         if "candidate" in s.run:
             return run_id
         reward, data = reward_and_data(settings, run_id, s.work)
-        parent = runs.arun(settings, registry.production)
+        parent = arun(settings, registry.production)
         init = adapter_dir(settings, parent, s.work / "parent")
-        config = pipeline.config_from_settings(settings)
+        config = config_from_settings(settings)
         history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", config, init, data,
                                         s.progress)
         meta = {"parent": parent, "run_id": run_id, "algorithm": settings.algorithm,
                 "reward_metrics": s.run["reward_metrics"], "policy": history[-1] if history else {}}
-        version = runs.arun(settings, registry.register_dir, s.work / "candidate", meta)
+        version = arun(settings, registry.register_dir, s.work / "candidate", meta)
         s.update(candidate=version, parent=parent, algorithm=settings.algorithm, policy=meta["policy"])
     return run_id
 
@@ -152,13 +139,13 @@ def evaluate(self, run_id: str) -> str:
     from rlhf import pipeline
 
     settings = get_settings()
-    with runs.stage(self, settings, run_id, "evaluate") as s:
+    with stage(self, settings, run_id, "evaluate") as s:
         if "evaluation" in s.run:
             return run_id
         reward, data = reward_and_data(settings, run_id, s.work)
         candidate = adapter_dir(settings, s.run["candidate"], s.work / "candidate")
         current = adapter_dir(settings, s.run["parent"], s.work / "current")
-        config = pipeline.config_from_settings(settings)
+        config = config_from_settings(settings)
         result = pipeline.evaluate_candidate(candidate, reward, base_path(settings), config, current, data)
         s.update(evaluation=result)
     return run_id
@@ -167,16 +154,16 @@ def evaluate(self, run_id: str) -> str:
 @app.task(bind=True, name="chatloop.promote")
 def promote(self, run_id: str) -> str:
     settings = get_settings()
-    with runs.stage(self, settings, run_id, "promote") as s:
+    with stage(self, settings, run_id, "promote") as s:
         evaluation, version = s.run["evaluation"], s.run["candidate"]
         if not evaluation["accepted"]:
             status = "rejected"
         elif settings.gate_arena_votes:
             status = "awaiting_arena"  # served in the arena against production; beat settles it
         else:
-            runs.arun(settings, registry.promote, version, f"run {run_id}: passed the gate")
+            arun(settings, registry.promote, version, f"run {run_id}: passed the gate")
             status = "promoted"
-        runs.arun(settings, finish_feedback, s.run["event_ids"], s.run["events_seen"])
+        arun(settings, feedback_store.mark_trained, s.run["events_seen"])
         s.update(status=status, finished=time.time())
         runs.release_lock(s.redis, run_id)
     return run_id

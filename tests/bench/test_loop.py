@@ -5,8 +5,8 @@ from pathlib import Path
 
 from bench.loop import LoopConfig, run_algorithm
 from bench.users import UserConfig
-from rlhf.evaluate import EvalConfig
-from tests.workers.test_loop import ACCEPT_ALL, TRAINING
+from rlhf.config import EvalConfig
+from tests.server import ACCEPT_ALL, TRAINING
 
 TINY = TRAINING | ACCEPT_ALL | {
     "CHATLOOP_DTYPE": "float32", "CHATLOOP_MAX_CONTEXT": "256", "CHATLOOP_RETRAIN_EVERY_S": "2",

@@ -8,7 +8,7 @@ import torch
 from bench.loop import promotions
 from bench.loop_eval import evaluate_policies, preference_reward
 from bench.loop_report import plot, table
-from rlhf.evaluate import EvalConfig
+from rlhf.config import EvalConfig
 
 
 def test_promotions_oldest_first_without_rollbacks():

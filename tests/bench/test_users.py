@@ -6,7 +6,6 @@ import random
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import httpx2
@@ -15,9 +14,9 @@ import pytest
 
 from bench.preferences import load_prompts, vader
 from bench.users import MODEL, EventBudget, UserConfig, pick, retry_delay, run_users, thumb
-from service import redis_keys
-from service.adapters import PRODUCTION_MODEL
-from service.feedback_events import FeedbackEvent
+from service.feedback.events import FeedbackEvent
+from service.serving.adapters import PRODUCTION_MODEL
+from service.store import redis_keys
 from tests.server import running_server, tiny_server_env
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1/v1/feedback")
@@ -126,10 +125,9 @@ async def test_stop_and_duration_end_a_run(server, redis_sync):
     assert stats.elapsed_s < 5
 
 
-def test_cli_simulate(server, redis_sync):
-    chatloop = Path(sys.executable).with_name("chatloop")
+def test_the_users_command(server, redis_sync):
     result = subprocess.run(
-        [chatloop, "simulate", "--url", server, "--events", "3", "--users", "2", "--max-tokens", "8",
+        [sys.executable, "-m", "bench.users", "--url", server, "--events", "3", "--users", "2", "--max-tokens", "8",
          "--preference", "concise", "--seed", "1"],
         capture_output=True, text=True, timeout=60,
     )

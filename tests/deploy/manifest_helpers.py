@@ -7,7 +7,7 @@ import pytest
 from packaging.version import Version
 from pydantic import AliasChoices
 
-from service import cli
+from service.cli import main as cli
 from service.settings import Settings
 from tests.deploy.files import pyproject
 
@@ -42,7 +42,7 @@ def settings_env_names() -> set[str]:
 
 
 def project_packages() -> set[str]:
-    """The top-level packages `pip install .` installs (service, workers, rlhf)."""
+    """The top-level packages `pip install .` installs (service, workers, rlhf, common)."""
     return {p.rstrip("*").rstrip(".") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 from packaging.version import Version
 
-from service import cli
+from service.cli import main as cli
 from service.settings import Settings
 from tests.deploy.files import (
     COMPOSE,

@@ -12,7 +12,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from service import cli, model
+from service.cli import main as cli
+from service.engine import model
 from service.settings import Settings
 from tests.deploy.files import (
     DEPLOY,
@@ -96,12 +97,12 @@ UNINSTALLED = {"llama_cpp": "llama-cpp-python"}  # optional extras whose import 
 
 def test_pip_install_dot_provides_everything_the_code_imports():
     """The image installs the project with `pip install .`: every third-party module that service/, workers/
-    and rlhf/ import must come from a declared dependency (or one of theirs). bench/ ships for `chatloop
-    simulate`; its plots and the llama.cpp baseline may use the optional extras `bench` and `llamacpp`."""
+    rlhf/ and common/ import must come from a declared dependency (or one of theirs); bench/ (not in the image)
+    may also use the optional extras `bench` and `llamacpp`."""
     closure = requirement_closure(pyproject()["project"]["dependencies"])
     optional = pyproject()["project"]["optional-dependencies"]
     bench_closure = closure | requirement_closure(optional["bench"] + optional["llamacpp"])
-    packages = project_packages()
+    packages = project_packages() | {"bench"}
     providers = md.packages_distributions()
     missing = {}
     for package in packages:

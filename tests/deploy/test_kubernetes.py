@@ -83,9 +83,27 @@ def test_k8s_beat_is_one_replica_recreated():
     assert beat["spec"]["strategy"] == {"type": "Recreate"}
 
 
-def test_k8s_worker_shows_the_gpu_example():
+def test_k8s_worker_gpu_example_is_a_valid_gpu_worker_once_uncommented():
+    """The commented GPU lines of worker.yaml, uncommented as its comment says, give a valid Deployment that asks
+    for a GPU and lands on GPU nodes."""
     text = (K8S / "worker.yaml").read_text()
-    assert re.search(r"#\s*nvidia\.com/gpu: 1", text) and re.search(r"#\s*nodeSelector:", text)
+    example = re.compile(r"^(\s*)# ((?:nvidia\.com/gpu: 1|nodeSelector:|tolerations:)|\s+\S.*)$")
+    lines, inside = [], False
+    for line in text.splitlines():
+        match = example.match(line)
+        starts = match is not None and match.group(2) in ("nvidia.com/gpu: 1", "nodeSelector:", "tolerations:")
+        inside = starts or (inside and match is not None)
+        lines.append(match.group(1) + match.group(2) if inside and match else line)
+    doc = yaml.safe_load("\n".join(lines))
+    spec = doc["spec"]["template"]["spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    versions = kubernetes_versions()
+    if versions:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(doc, versions[-1], strict=True)
 
 
 def test_k8s_redis_is_append_only_on_a_claim():

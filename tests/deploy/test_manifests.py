@@ -7,7 +7,7 @@ import shlex
 
 import uvicorn
 
-from service import cli
+from service.cli import main as cli
 from service.settings import Settings
 from tests.deploy.files import (
     DEPLOY,

@@ -126,9 +126,11 @@ def running_nginx(upstream_ports: list[int], workdir: Path) -> Iterator[tuple[st
         proc.wait(timeout=10)
 
 
-def test_config_passes_nginx_t_apart_from_the_upstream(tmp_path: Path):
-    with running_nginx([free_port()], tmp_path):
-        pass  # running_nginx runs `nginx -t` first
+def test_config_passes_nginx_t_and_with_no_replica_up_answers_502(tmp_path: Path):
+    # running_nginx runs `nginx -t` first and waits for the balancer's own health route
+    with running_nginx([free_port()], tmp_path) as (url, _):
+        assert httpx.get(f"{url}/lb-healthz", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 502
 
 
 def test_stream_passes_chunk_by_chunk_and_a_loading_replica_is_skipped(tmp_path: Path):

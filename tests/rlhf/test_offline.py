@@ -8,19 +8,21 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from rlhf.data import FeedbackData, Pair, Thumb
+from common.models import ADAPTER_FILES
+from common.records import Pair, Thumb
+from rlhf.config import LoraSettings, OfflineConfig
+from rlhf.data import FeedbackData
 from rlhf.modeling import (
-    ADAPTER_FILES,
-    LoraSettings,
     build_batch,
     encode_answer,
     encode_prompt,
     forward,
     load_base,
+    peft_config,
     token_logprobs,
 )
-from rlhf.offline import OfflineConfig, kto_rows, kto_weights, thumb_pairs, train_offline, warmup_steps
-from tests.conftest import make_adapter
+from rlhf.offline import kto_rows, kto_weights, thumb_pairs, train_offline, warmup_steps
+from tests.models import make_adapter
 
 TOPICS = (
     "cats", "dogs", "rain", "the sea", "music", "bread", "trains", "stars", "tea", "snow", "chess", "bees",
@@ -166,7 +168,7 @@ def test_dpo_learns_the_marker_and_saves_only_the_adapter(tiny_base, tiny_model_
 
     # The margin over the reference, 0 for the fresh adapter (B = 0), is clearly positive on a fresh load.
     fresh, _ = load_base(tiny_model_dir)
-    assert pair_margin(get_peft_model(fresh, config.lora.peft_config()), tokenizer, PAIRS) == 0.0
+    assert pair_margin(get_peft_model(fresh, peft_config(config.lora)), tokenizer, PAIRS) == 0.0
     policy, tokenizer = load_policy(tiny_model_dir, out)
     assert pair_margin(policy, tokenizer, PAIRS) > 1.0
 

@@ -10,11 +10,11 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from rlhf.evaluate import EvalConfig, compare
-from rlhf.modeling import LoraSettings, load_base
+from rlhf.config import EvalConfig, LoraSettings, PipelineConfig, PPOConfig
+from rlhf.evaluate import compare
+from rlhf.modeling import load_base
 from rlhf.pipeline import (
     STATS_FILE,
-    PipelineConfig,
     eval_models,
     evaluate_candidate,
     load_feedback,
@@ -22,14 +22,13 @@ from rlhf.pipeline import (
     train_policy,
     train_reward,
 )
-from rlhf.ppo import PPOConfig, PPOTrainer
+from rlhf.ppo import PPOTrainer
 from rlhf.reward import ADAPTER, RewardModel
-from tests.conftest import make_adapter
-from tests.rlhf.test_ppo import PROMPTS, answer_logprobs
-from tests.rlhf.test_reward import FAST, make_reward_model
+from tests.models import make_adapter
+from tests.rlhf.helpers import FAST, PROMPTS, answer_logprobs, make_reward_model
 
 CONFIG = PPOConfig(
-    batch_size=8, minibatch_size=4, ppo_epochs=1, lr=3e-3, max_new_tokens=8, temperature=0.7,
+    batch_size=8, minibatch_size=4, epochs=1, lr=3e-3, max_new_tokens=8, temperature=0.7,
     missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16), precision="fp32",
 )
 
@@ -135,7 +134,7 @@ def test_train_policy_runs_the_chosen_algorithm(algorithm, tiny_model_dir, rewar
     """algorithm dpo|kto trains on the feedback itself (the reward model only judges later), from the parent."""
     parent = make_adapter(tiny_model_dir, tmp_path / "parent", seed=5, b_std=0.05)
     config = PipelineConfig(algorithm=algorithm, heldout_fraction=0.0)
-    config.offline.max_answer_tokens, config.offline.bf16 = 16, False
+    config.offline.max_answer_tokens, config.offline.precision = 16, "fp32"
     seen = []
     history = train_policy(reward_dir, tiny_model_dir, tmp_path / "cand", config, parent, feedback_file,
                            lambda stage, step, total, logs: seen.append((stage, step, total)))

@@ -7,14 +7,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from rlhf.modeling import LoraSettings, TokenBatch, forward, load_base, token_logprobs
-from rlhf.ppo import PPOConfig, PPOTrainer, cut_at_eos
-from service.model import resolve_base_model
+from rlhf.config import LoraSettings, PPOConfig
+from rlhf.modeling import load_base
+from rlhf.ppo import PPOTrainer, cut_at_eos
+from service.engine.model import resolve_base_model
 from service.settings import Settings
-from tests.conftest import make_adapter
+from tests.models import make_adapter
+from tests.rlhf.helpers import PROMPTS, answer_logprobs
 
-TOPICS = ("cats", "dogs", "rain", "the sea", "music", "bread", "trains", "stars", "tea", "snow", "chess", "bees")
-PROMPTS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in TOPICS]
 STAT_KEYS = {
     "objective/score", "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
     "ppo/policy/approx_kl", "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/explained_variance",
@@ -30,7 +30,7 @@ def tiny_base(tiny_model_dir: Path):
 
 def tiny_config(**overrides) -> PPOConfig:
     settings = dict(
-        batch_size=16, minibatch_size=8, lr=3e-3, max_new_tokens=8, temperature=0.1, init_kl_coef=0.05,
+        batch_size=16, minibatch_size=8, epochs=4, lr=3e-3, max_new_tokens=8, temperature=0.1, kl_coef=0.05,
         missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16), precision="fp32",  # exact comparisons
     )
     return PPOConfig(**settings | overrides)
@@ -51,21 +51,13 @@ def family_reward(model: torch.nn.Module):
     return reward_fn
 
 
-@torch.no_grad()
-def answer_logprobs(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
-    """Logprobs of the batch's answer tokens from full logits, sliced independently of ppo.py. (B, R)"""
-    r, p = batch.response_mask.shape[1], batch.prompt_len
-    logits = forward(model, batch).logits[:, p - 1 : p - 1 + r].float() / temperature
-    return token_logprobs(logits, batch.responses) * batch.response_mask
-
-
 # The k3 loss term pulls harder than the same coefficient in the reward on this sharp (T=0.1) toy
 @pytest.mark.parametrize(
     ("critic", "kl_penalty", "kl_coef"), [(True, "reward", 0.05), (False, "reward", 0.05), (False, "loss", 0.01)]
 )
 def test_ppo_raises_the_reward_within_a_kl_budget(tiny_base, critic, kl_penalty, kl_coef):
     base, tokenizer = tiny_base
-    config = tiny_config(critic=critic, kl_penalty=kl_penalty, init_kl_coef=kl_coef, group_size=1 if critic else 2)
+    config = tiny_config(critic=critic, kl_penalty=kl_penalty, kl_coef=kl_coef, group_size=1 if critic else 2)
     trainer = PPOTrainer(base, tokenizer, family_reward(base), config)
     seen = []
     history = trainer.train(PROMPTS, iterations=8, progress=lambda i, stats: seen.append(i))
@@ -131,7 +123,7 @@ def test_sampler_and_trainer_use_the_same_temperature(tiny_base):
 
 def test_answers_without_eos_get_the_penalty(tiny_base):
     base, tokenizer = tiny_base
-    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(missing_eos_penalty=-1.0, ppo_epochs=1))
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(missing_eos_penalty=-1.0, epochs=1))
     stats = trainer.step(PROMPTS[:8])
     # a random model over 49k tokens essentially never samples EOS within 8 tokens
     assert stats["ppo/eos_fraction"] == 0.0 and stats["ppo/mean_length"] == 8.0
@@ -146,7 +138,7 @@ def test_cut_at_eos():
 
 def test_saved_adapter_is_peft_safetensors_and_reloads(tiny_base, tiny_model_dir, tmp_path):
     base, tokenizer = tiny_base
-    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(ppo_epochs=1))
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(epochs=1))
     trainer.step(PROMPTS[:8])
     out = trainer.save_adapter(tmp_path / "v2")
     names = {p.name for p in out.iterdir()}
@@ -174,8 +166,8 @@ def test_one_iteration_on_smollm2(tmp_path):
 
     # most SmolLM2 answers run past 16 tokens: without the EOS penalty the reward itself drives the update
     config = PPOConfig(
-        batch_size=4, minibatch_size=2, max_new_tokens=16, temperature=0.7, missing_eos_penalty=None,
-        lora=LoraSettings(r=8, alpha=16),
+        batch_size=4, group_size=1, minibatch_size=2, max_new_tokens=16, temperature=0.7, missing_eos_penalty=None,
+        critic=True, kl_penalty="reward", lora=LoraSettings(r=8, alpha=16),  # every part: the value head too
     )
     stats = PPOTrainer(base, tokenizer, letter_e, config).step(PROMPTS[:4])
     print(stats)

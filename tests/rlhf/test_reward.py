@@ -13,19 +13,21 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from rlhf.data import Pair, Thumb, build_datasets
-from rlhf.modeling import LoraSettings, build_batch, encode_answer, encode_prompt, forward, load_base
+from common.records import Pair, Thumb
+from rlhf.config import LoraSettings
+from rlhf.data import build_datasets
+from rlhf.modeling import build_batch, encode_answer, encode_prompt, forward, load_base
 from rlhf.reward import (
     ADAPTER,
     META_FILE,
     WEIGHTS_FILE,
-    RewardConfig,
     RewardModel,
     bradley_terry_loss,
     pointwise_loss,
     train_reward_model,
 )
-from tests.conftest import make_adapter
+from tests.models import make_adapter
+from tests.rlhf.helpers import FAST, make_reward_model
 
 FILLER = [
     "apple", "river", "stone", "cloud", "green", "quiet", "table", "window", "garden", "yellow", "paper", "music",
@@ -34,12 +36,6 @@ FILLER = [
     "thunder", "kitchen", "carpet", "lamp", "bottle",
 ]
 TOPICS = ["rivers", "clocks", "bridges", "gardens", "trains", "maps", "songs", "tools", "birds", "rooms"]
-# Short answers and a small LoRA with a large learning rate keep these tests fast on two cores.
-FAST = RewardConfig(
-    lr=3e-3, epochs=3, batch_size=16, max_answer_tokens=16, lora=LoraSettings(r=8, alpha=16), precision="fp32"
-)
-
-
 def prompt(rng: random.Random, i: int) -> list[dict]:
     return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"About {rng.choice(TOPICS)} {i}?"}]
 
@@ -69,17 +65,6 @@ def banana_thumbs(n: int, seed: int = 1) -> list[Thumb]:
             words.insert(rng.randint(0, len(words)), "banana")
         thumbs.append(Thumb(prompt(rng, i), " ".join(words), up))
     return thumbs
-
-
-def make_reward_model(model_dir: Path, out: Path, seed: int = 7, metadata: dict | None = None) -> Path:
-    """A saved reward model with random (non-zero) lora_B, so its adapter visibly changes its scores."""
-    model = RewardModel(load_base(model_dir)[0], FAST)
-    torch.manual_seed(seed)
-    for name, param in model.body.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    model.calibrate(torch.tensor([-1.0, 0.5, 2.0]))
-    return model.save(out, metadata)
 
 
 def policy_model(model_dir: Path, adapter_dir: Path) -> PeftModel:

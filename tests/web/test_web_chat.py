@@ -11,10 +11,10 @@ import httpx
 import pytest
 import redis.asyncio
 
-from service import redis_keys
-from service.auth import create_key
+from service.store import redis_keys
+from service.store.api_keys import create_key
+from service.store.runs import RUNS, update_run
 from tests.server import running_server, tiny_server_env
-from workers.runs import RUNS, update_run
 
 try:
     from playwright.sync_api import expect, sync_playwright

@@ -4,10 +4,9 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from service import feedback_store, redis_keys, registry
-from service.feedback_events import AnswerRef, FeedbackEvent
+from service.feedback.events import AnswerRef, FeedbackEvent
 from service.settings import Settings
-from workers import runs
+from service.store import feedback_store, redis_keys, registry, runs
 from workers.tasks import settle_arena
 
 

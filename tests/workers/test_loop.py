@@ -18,18 +18,10 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-from service import registry
-from service.auth import create_key
-from tests.server import running_server, tiny_server_env
+from service.store import registry
+from service.store.api_keys import create_key
+from tests.server import ACCEPT_ALL, TRAINING, running_server, tiny_server_env
 
-TRAINING = {
-    "CHATLOOP_REWARD_EPOCHS": "1", "CHATLOOP_PPO_ITERATIONS": "1", "CHATLOOP_PPO_BATCH_SIZE": "4",
-    "CHATLOOP_PPO_MAX_NEW_TOKENS": "8", "CHATLOOP_EVAL_PROMPTS": "4", "CHATLOOP_LORA_R": "4",
-    "CHATLOOP_LORA_ALPHA": "8", "CHATLOOP_MIN_NEW_FEEDBACK": "6", "CHATLOOP_THREADS": "1", "OMP_NUM_THREADS": "1",
-    "CHATLOOP_PIPELINE_LOCK_TTL_S": "45", "CHATLOOP_TASK_VISIBILITY_TIMEOUT_S": "60",
-}
-ACCEPT_ALL = {"CHATLOOP_GATE_MIN_SCORE_GAIN": "-1000", "CHATLOOP_GATE_MAX_KL": "1000",
-              "CHATLOOP_GATE_MIN_LENGTH_RATIO": "0"}
 REJECT_ALL = {"CHATLOOP_GATE_MIN_SCORE_GAIN": "1000"}
 FINISHED = {"promoted", "rejected", "failed", "superseded"}
 
@@ -38,7 +30,7 @@ FINISHED = {"promoted", "rejected", "failed", "superseded"}
 def process(command: str, env: dict, log: Path):
     """A `chatloop <command>` process in its own process group, killed with all its children at the end."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", command], env={**os.environ, **env},
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli.main", command], env={**os.environ, **env},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc

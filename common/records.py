@@ -1,0 +1,157 @@
+"""The feedback record format: what `chatloop feedback export` writes and the trainer reads, one JSON object a
+line, in TRL's conversational forms.
+
+Pairs (reward model, DPO):  {"prompt": [messages], "chosen": [{"role": "assistant", "content": ...}], "rejected": [...]}
+Thumbs (KTO, pointwise):    {"prompt": [messages], "completion": [{"role": "assistant", "content": ...}], "label": true}
+
+Records may carry more keys (provenance: which answers, which adapters, who voted, when); readers ignore all of
+them but `created`. Every record of one kind that the service writes has the same keys, so a JSONL loader that
+infers its columns from the first lines reads the whole file.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from common.conversations import Messages, conversation_id
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def pair_record(prompt: Messages, chosen: str, rejected: str, **provenance) -> dict:
+    return {"prompt": prompt, "chosen": assistant(chosen), "rejected": assistant(rejected), **provenance}
+
+
+def thumb_record(prompt: Messages, answer: str, label: bool, **provenance) -> dict:
+    return {"prompt": prompt, "completion": assistant(answer), "label": label, **provenance}
+
+
+def is_pair(record: dict) -> bool:
+    return "chosen" in record
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: Messages
+    chosen: str
+    rejected: str
+    created: int | None = field(default=None, compare=False)  # when the vote was cast, if the record says
+    record_id: str = field(default="", compare=False)  # a hash of the whole line, provenance included
+
+    def key(self) -> tuple:
+        return ("pair", conversation_id(self.prompt), self.chosen, self.rejected)
+
+    def texts(self) -> list[str]:
+        return [self.chosen, self.rejected]
+
+
+@dataclass(frozen=True)
+class Thumb:
+    prompt: Messages
+    answer: str
+    label: bool
+    created: int | None = field(default=None, compare=False)
+    record_id: str = field(default="", compare=False)
+
+    def key(self) -> tuple:
+        return ("thumb", conversation_id(self.prompt), self.answer, self.label)
+
+    def texts(self) -> list[str]:
+        return [self.answer]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Annotated[str, Field(min_length=1)]
+    content: str
+
+
+class _AssistantTurn(Message):
+    role: Literal["assistant"]
+
+
+Reply = Annotated[list[_AssistantTurn], Field(min_length=1, max_length=1)]
+Prompt = Annotated[list[Message], Field(min_length=1)]
+
+
+class _PairLine(BaseModel):
+    prompt: Prompt
+    chosen: Reply
+    rejected: Reply
+    created: int | None = None
+
+
+class _ThumbLine(BaseModel):
+    prompt: Prompt
+    completion: Reply
+    label: StrictBool
+    created: int | None = None
+
+
+class MalformedFeedback(ValueError):
+    """A line of a feedback file is neither a pair nor a thumb record."""
+
+
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"{'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']}{more}"
+    return str(exc)
+
+
+def parse_record(data: object) -> Pair | Thumb:
+    """One record (a decoded JSON line) as a Pair or a Thumb; ValueError says what is wrong with it."""
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    canonical = json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    record_id = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    if "chosen" in data or "rejected" in data:
+        pair = _PairLine.model_validate(data)
+        prompt = [m.model_dump() for m in pair.prompt]
+        return Pair(prompt, pair.chosen[0].content, pair.rejected[0].content, pair.created, record_id)
+    if "completion" in data or "label" in data:
+        thumb = _ThumbLine.model_validate(data)
+        prompt = [m.model_dump() for m in thumb.prompt]
+        return Thumb(prompt, thumb.completion[0].content, thumb.label, thumb.created, record_id)
+    raise ValueError("neither a pair (prompt, chosen, rejected) nor a thumb (prompt, completion, label)")
+
+
+def load_records(path: Path) -> list[Pair | Thumb]:
+    """Every record of a JSONL file, oldest first as written, or MalformedFeedback naming the first bad line.
+    Blank lines are skipped."""
+    records = []
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+            if line.strip():
+                records.append(parse_record(json.loads(line)))
+        except ValueError as exc:  # bad UTF-8, bad JSON and failed validation all are ValueErrors
+            raise MalformedFeedback(f"{path}, line {number}: {_reason(exc)}") from None
+    return records
+
+
+def write_jsonl(out: Path, records: Iterable[dict]) -> None:
+    """Write next to `out` under a temp name, then rename: a trainer never reads half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

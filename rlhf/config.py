@@ -1,0 +1,151 @@
+"""Every training knob and its default: plain dataclasses, no torch, so the service's settings can read them.
+
+These defaults are what production runs. `Settings` (service/settings.py) takes its CHATLOOP_<SECTION>_<FIELD>
+defaults from here, and workers/config.py builds a PipelineConfig from the settings by the same names, so a
+test, a benchmark and a deployment that set nothing all train the same way.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Precision = Literal["bf16", "fp32"]  # forward passes under bf16 autocast over fp32 master weights, or plain fp32
+Algorithm = Literal["ppo", "dpo", "kto"]
+KLPenalty = Literal["reward", "loss"]
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """The shape of a fresh adapter (policy or reward model); a loaded adapter keeps its own."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+
+@dataclass
+class RewardConfig:
+    lr: float = 5e-4
+    epochs: int = 1
+    batch_size: int = 8  # feedback items (a pair or a thumb) per optimiser step
+    thumb_weight: float = 0.5  # a thumb says less than a comparison: it has no reference answer
+    max_prompt_tokens: int = 512  # a longer conversation keeps its end, which the answer replies to
+    max_answer_tokens: int = 256
+    max_grad_norm: float = 1.0
+    score_batch_size: int = 32  # rows per forward pass when scoring without gradients
+    warm_start: bool = True  # continue from the previous run's reward model (see workers/tasks.py)
+    seed: int = 0
+    precision: Precision = "bf16"  # the body's forward under autocast; the head stays fp32
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RewardConfig":
+        lora = LoraSettings(**{**d["lora"], "target_modules": tuple(d["lora"]["target_modules"])})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "lora": lora})
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 8  # rollout batches per training run
+    batch_size: int = 16  # answers per rollout batch
+    # Answers per prompt in a batch; > 1 baselines each score on its siblings' mean (RLOO), so the prompt's own
+    # effect cancels. 1: one answer per prompt.
+    group_size: int = 4
+    minibatch_size: int = 8
+    epochs: int = 2  # passes over each rollout batch
+    lr: float = 1e-3
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # sampling temperature; training logprobs use logits / the same value
+    # False: no value head; each token's advantage is its reward-to-go (the group-baselined score plus the KL
+    # penalties after it), REINFORCE/RLOO style under the same clipped objective. A fresh critic's noise swamped
+    # the signal of 8 iterations (bench/RESULTS.md, "PPO against the preference itself").
+    critic: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda (with the critic)
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05  # the starting coefficient when adaptive_kl
+    # "reward": -kl_coef * (logp - logp_ref) on every token's reward (Ziegler et al.); "loss": the reward is the
+    # score alone and kl_coef * (the token mean of k3) joins the loss (GRPO): each token's log-ratio is noise
+    # that the reward-to-go sums over the rest of the answer, and without a critic nothing averages it out
+    kl_penalty: KLPenalty = "loss"
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per answer (lm-human-preferences)
+    kl_horizon: int = 10000  # in answers
+    # Score of an answer cut off at max_new_tokens; None keeps the reward model's. Off: most SmolLM2 answers run
+    # past 64 tokens, so a penalty would teach brevity.
+    missing_eos_penalty: float | None = None
+    whiten_rewards: bool = False
+    seed: int = 0
+    precision: Precision = "bf16"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.group_size:
+            raise ValueError(f"the PPO batch size ({self.batch_size}) must be a multiple of the group size "
+                             f"({self.group_size})")
+
+
+@dataclass
+class OfflineConfig:
+    algorithm: Literal["dpo", "kto"] = "dpo"
+    beta: float = 0.1  # the DPO and KTO papers' default
+    # Full fine-tunes run DPO at 5e-7..1e-6 (DPO paper, Zephyr) and LoRA wants ~10x a full fine-tune's rate
+    # (TRL's PEFT guide; "LoRA Without Regret"). A round here is only tens of steps from the production adapter,
+    # and the loop benchmark's sweep (bench/RESULTS.md) found 1e-3 the largest rate that stays inside the gate's
+    # KL budget; beta keeps the policy near the base and the gate checks the rest.
+    lr: float = 1e-3
+    epochs: float = 1
+    batch_size: int = 8  # pairs (DPO) or labelled answers (KTO: must be > 1, its KL estimate uses the batch)
+    grad_accum: int = 1
+    warmup: float = 0.1  # fraction of the steps: linear warmup, then linear decay
+    # TRL 1.16 has a single max_length (= these two added) and keeps the start: an answer past it loses its
+    # end, and an example whose prompt alone fills it is dropped.
+    max_prompt_tokens: int = 512
+    max_answer_tokens: int = 256
+    seed: int = 0
+    precision: Precision = "bf16"  # bench/RESULTS.md, "Training": bf16 DPO is ~2x fp32 per pair on 2 cores
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("dpo", "kto"):
+            raise ValueError(f"unknown offline algorithm {self.algorithm!r}: expected 'dpo' or 'kto'")
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = 32  # held-out prompts the gate evaluates on (training prompts fill up when there are fewer)
+    temperature: float = 0.7
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    seed: int = 0
+    precision: Precision = "bf16"
+
+
+@dataclass
+class GateConfig:
+    # The candidate's mean reward-model score (in production-answer std units) must beat production's by more.
+    # Slightly negative: a reward model from a few hundred noisy votes is close to chance on 32 answers, so the
+    # gate leans on its KL, length and EOS checks until it has more data.
+    min_score_gain: float = -0.25
+    max_kl: float = 12.0  # nats per answer to the reference policy
+    min_length_ratio: float = 0.5  # candidate mean length / current mean length
+    max_eos_drop: float = 0.2  # candidate EOS fraction may fall at most this far below the current one
+    min_win_rate: float = 0.0  # fraction of prompts where the reward model prefers the candidate's answer
+
+
+@dataclass
+class PipelineConfig:
+    algorithm: Algorithm = "ppo"  # how train_policy updates the policy
+    heldout_fraction: float = 0.1  # of the prompts (by a stable hash): the reward model's and the gate's test side
+    # Newest feedback records a run trains on (0: all): keeps a run's cost flat as feedback piles up.
+    train_window: int = 150
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)  # DPO / KTO (offline.algorithm follows algorithm)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)

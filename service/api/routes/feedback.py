@@ -1,0 +1,79 @@
+"""POST /v1/feedback (thumbs), POST /v1/comparisons, GET /v1/feedback/stats."""
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from service.api import metrics
+from service.api.deps import FeedbackCaller, RedisDep, SettingsDep
+from service.api.feedback_bodies import (
+    ComparisonRequest,
+    ThumbRequest,
+    answer,
+    check_comment,
+    check_owner,
+    comparison_event,
+    thumb_event,
+)
+from service.errors import APIError
+from service.feedback.events import FeedbackEvent
+from service.store import feedback_store
+from service.store.completion_log import CompletionRecord, get_completion
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+
+
+class FeedbackReceipt(BaseModel):
+    id: str  # the stream event id
+    status: str  # recorded | replaced | unchanged
+    pairs: int = 0
+    adapters: list[str] | None = None  # which version wrote each compared answer, revealed after the vote
+
+
+async def _record(redis: Redis, completion_id: str, param: str = "completion_id") -> CompletionRecord:
+    record = await get_completion(redis, completion_id)
+    if record is None:
+        raise APIError(404, f"no completion {completion_id!r} (unknown or expired)", param, "completion_not_found")
+    return record
+
+
+async def _cast(redis: Redis, event: FeedbackEvent) -> FeedbackReceipt:
+    try:
+        status, event_id = await feedback_store.cast_vote(redis, event)
+    except feedback_store.CompletionGone:
+        raise APIError(404, "a completion expired while recording the vote", "completion_id",
+                       "completion_not_found") from None
+    metrics.FEEDBACK.labels(event.kind, status).inc()
+    adapters = [a.adapter for a in event.answers] if event.kind == "comparison" else None
+    return FeedbackReceipt(id=event_id, status=status, pairs=len(event.pairs()), adapters=adapters)
+
+
+@router.post("/feedback")
+async def thumbs(body: ThumbRequest, caller: FeedbackCaller, redis: RedisDep, settings: SettingsDep) -> FeedbackReceipt:
+    check_comment(body.comment, settings.max_comment_chars)
+    record = await _record(redis, body.completion_id)
+    check_owner(caller, record)
+    return await _cast(redis, thumb_event(body, record, caller))
+
+
+@router.post("/comparisons")
+async def comparisons(
+    body: ComparisonRequest, caller: FeedbackCaller, redis: RedisDep, settings: SettingsDep
+) -> FeedbackReceipt:
+    check_comment(body.comment, settings.max_comment_chars)
+    if body.completion_id is not None:
+        record = await _record(redis, body.completion_id)
+        records = [record] * len(record.choices)
+        answers = [answer(record, i, "completion_id") for i in range(len(record.choices))]
+    else:
+        records = [await _record(redis, a.completion_id, f"answers.{i}") for i, a in enumerate(body.answers)]
+        pairs = enumerate(zip(records, body.answers, strict=True))
+        answers = [answer(r, a.choice_index, f"answers.{i}.choice_index") for i, (r, a) in pairs]
+    for record in records:
+        check_owner(caller, record)
+    return await _cast(redis, comparison_event(body, records, answers, caller))
+
+
+@router.get("/feedback/stats")
+async def feedback_stats(caller: FeedbackCaller, redis: RedisDep) -> dict[str, int]:
+    return await feedback_store.stats(redis)
