@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from service.engine.engine import Engine, GenerationRequest, SamplingParams
+from service.engine.engine import Engine
 from service.engine.lora import LoraAdapter
 from service.engine.model import BaseModel, load_base_model, one_torch_thread
+from service.engine.requests import GenerationRequest, SamplingParams
 from service.settings import Settings
 
 ADAPTER = "bench"

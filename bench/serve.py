@@ -1,12 +1,16 @@
-"""Serving benchmark: streaming chat completions at concurrency 1, 4 and 16, with a LoRA adapter as production.
+"""Serving benchmark: chatloop through HTTP against transformers' generate(), in one run on the same cores.
 
-Starts `chatloop serve` on a free port (or uses --url), then for each level runs rounds of C simultaneous
-streaming requests (128 tokens, temperature 1, fixed seeds) for about --seconds. Per request: time to first
-content token, completion tokens (from usage) and tokens/s after the first token. Per level: total tokens over
-wall time. The base model at 1 and 16 shows what the adapter costs; llama.cpp on the same GGUF, when
-llama-cpp-python is installed, gives a single-stream reference.
+    python -m bench.serve [--data-dir DIR] [--seconds 20] [--levels 1 16 64] [--skip reference,turns,join,memory]
+                          [--url http://host:port] [--write]
 
-    python -m bench.serve [--data-dir DIR] [--seconds 25] [--url http://host:port] [--write]
+1. The reference (bench/reference.py): transformers `generate()` in bf16 on the base, 1 and 16 prompts per batch.
+2. `chatloop serve` on a free port with a random r=16 LoRA on every linear layer in production (bench/adapter.py),
+   batches of up to 64 rows: rounds of C simultaneous streaming requests (128 tokens, temperature 1, fixed seeds)
+   for about --seconds per level, through a raw-socket client (bench/sse_client.py) so that the client's own
+   cost stays small beside the server's.
+3. Latency (bench/latency.py): a ~1,000-token conversation's second turn against its first; the longest wait of
+   8 decoding streams' next token while a 1,500-token prompt joins; peak RSS with 4 adapters loaded.
+The hot-swap figures come from bench/swap.py.
 """
 
 import argparse
@@ -28,13 +32,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from openai import AsyncOpenAI
 from redis.asyncio import Redis
+from transformers import AutoTokenizer
 
+from bench import latency
 from bench.adapter import make_adapter
+from bench.reference import generate_reference, llama_cpp_reference
+from bench.sse_client import Sample, stream_chat
 from common.models import BASE
 from service.cli.launcher import free_port
-from service.engine.model import default_gguf_path, resolve_base_model, resolve_device, resolve_dtype
+from service.engine.model import resolve_base_model, resolve_device, resolve_dtype
 from service.settings import Settings
 from service.store import registry
 
@@ -49,9 +56,12 @@ PROMPTS = [
     "Write a letter to a friend describing your last holiday.",
 ]
 MAX_TOKENS = 128
-LEVELS = (1, 4, 16)
-BASE_LEVELS = (1, 16)
-HEADER = "| model | concurrency | aggregate tok/s | per-stream tok/s (mean) | TTFT p50 ms | TTFT p95 ms | requests |"
+LEVELS = (1, 16, 64)
+REFERENCE_LEVELS = (1, 16)
+# One client stands in for many users here: the per-caller cap would otherwise hold it to 16 rows.
+SERVER_ENV = {"CHATLOOP_MAX_BATCH_SIZE": "64", "CHATLOOP_MAX_SEQUENCES_PER_CALLER": "0"}
+HEADER = ("| what | streams | aggregate tok/s | x reference | per-stream tok/s (mean) | TTFT p50 ms | TTFT p95 ms "
+          "| requests |")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 RESULTS_INTRO = """# Serving benchmark results
 
@@ -64,29 +74,27 @@ the batch's prefills. The client runs on the same cores as the server."""
 
 
 @dataclass
-class Sample:
-    ttft_s: float
-    tokens: int
-    stream_tok_s: float | None  # None when fewer than two chunks arrived
-
-
-@dataclass
 class Row:
-    model: str
+    what: str
     concurrency: int
     samples: list[Sample]
     wall_s: float
+    reference: float | None = None  # aggregate tok/s this row is compared with
+
+    @property
+    def aggregate(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
 
     def cells(self) -> list[str]:
-        ttft_ms = 1000 * np.array([s.ttft_s for s in self.samples])
-        rates = [s.stream_tok_s for s in self.samples if s.stream_tok_s is not None]
+        streamed = [s for s in self.samples if len(s.stamps) > 1]
+        ttft_ms = 1000 * np.array([s.ttft_s for s in streamed]) if streamed else None
+        rates = [r for s in self.samples if (r := s.stream_tok_s) is not None]
         return [
-            self.model,
-            str(self.concurrency),
-            f"{sum(s.tokens for s in self.samples) / self.wall_s:.1f}",
+            self.what, str(self.concurrency), f"{self.aggregate:.1f}",
+            f"{self.aggregate / self.reference:.2f}" if self.reference else "-",
             f"{np.mean(rates):.1f}" if rates else "-",
-            f"{np.percentile(ttft_ms, 50):.0f}",
-            f"{np.percentile(ttft_ms, 95):.0f}",
+            f"{np.percentile(ttft_ms, 50):.0f}" if ttft_ms is not None else "-",
+            f"{np.percentile(ttft_ms, 95):.0f}" if ttft_ms is not None else "-",
             str(len(self.samples)),
         ]
 
@@ -96,97 +104,21 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join([HEADER, "|---" * HEADER.count(" | ") + "|---|", *lines])
 
 
-async def stream_one(client: AsyncOpenAI, model: str, prompt: str, seed: int, max_tokens: int) -> Sample:
-    started = time.perf_counter()
-    first = last = None
-    chunks, usage, finish = 0, None, None
-    stream = await client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        temperature=1.0,
-        seed=seed,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    async for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            finish = choice.finish_reason or finish
-            if choice.delta.content:
-                last = time.perf_counter()
-                first = last if first is None else first
-                chunks += 1
-    if usage is None or first is None or last is None:
-        raise RuntimeError(f"{model}: stream without usage or content (seed {seed})")
-    tokens = usage.completion_tokens
-    if tokens > max_tokens or chunks > tokens or (finish == "length") != (tokens == max_tokens):
-        print(f"warning: {model} seed {seed}: {tokens} tokens, {chunks} chunks, finish {finish}", file=sys.stderr)
-    rate = (tokens - 1) / (last - first) if chunks > 1 else None
-    return Sample(first - started, tokens, rate)
+def body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
+    return {"model": "chatloop", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_tokens": max_tokens, "temperature": 1.0, "seed": i}
 
 
-async def run_level(client: AsyncOpenAI, model: str, concurrency: int, seconds: float) -> Row:
+async def run_level(url: str, concurrency: int, seconds: float, reference: float | None) -> Row:
     """Rounds of `concurrency` simultaneous requests until `seconds` have passed (two rounds at least)."""
     samples: list[Sample] = []
     started = time.perf_counter()
     rounds = 0
     while rounds < 2 or time.perf_counter() - started < seconds:
         ids = range(rounds * concurrency, (rounds + 1) * concurrency)
-        samples += await asyncio.gather(
-            *(stream_one(client, model, PROMPTS[i % len(PROMPTS)], i, MAX_TOKENS) for i in ids)
-        )
+        samples += await asyncio.gather(*(stream_chat(url, body(i)) for i in ids))
         rounds += 1
-    row = Row(model, concurrency, samples, time.perf_counter() - started)
-    print(markdown_table([row]).splitlines()[-1], flush=True)
-    return row
-
-
-async def bench_server(url: str, seconds: float) -> list[Row]:
-    async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=300) as client:
-        for model in ("chatloop", "chatloop-base"):  # first requests pay for lazy setup and allocator growth
-            await asyncio.gather(*(stream_one(client, model, PROMPTS[i], i, 16) for i in range(len(PROMPTS))))
-        rows = [await run_level(client, "chatloop", c, seconds) for c in LEVELS]
-        rows += [await run_level(client, "chatloop-base", c, seconds) for c in BASE_LEVELS]
-    return rows
-
-
-def bench_llama_cpp(settings: Settings, seconds: float) -> Row | None:
-    """One stream through llama.cpp on the same GGUF and the same chat-templated prompt tokens."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(settings))
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
-        for p in PROMPTS
-    ]
-    llm = Llama(model_path=str(default_gguf_path()), n_threads=2, n_ctx=1024, verbose=False)
-    eos = {llm.token_eos(), *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
-
-    def stream(i: int, max_tokens: int) -> Sample:
-        llm.reset()  # no prefix reuse between requests: the server gets none either
-        llm.set_seed(i)
-        sent, stamps = time.perf_counter(), []
-        for token in llm.generate(prompts[i % len(prompts)], temp=1.0, top_k=0, top_p=1.0, min_p=0.0):
-            if token in eos:
-                break
-            stamps.append(time.perf_counter())
-            if len(stamps) == max_tokens:
-                break
-        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
-        return Sample((stamps[0] if stamps else time.perf_counter()) - sent, len(stamps), rate)
-
-    stream(0, 16)  # the first call allocates buffers and pages the weights in
-    samples: list[Sample] = []
-    started = time.perf_counter()
-    while len(samples) < 2 or time.perf_counter() - started < seconds:
-        samples.append(stream(len(samples), MAX_TOKENS))
-    row = Row("llama.cpp (Q4_1 GGUF, 2 threads)", 1, samples, time.perf_counter() - started)
+    row = Row("chatloop, LoRA in production, HTTP", concurrency, samples, time.perf_counter() - started, reference)
     print(markdown_table([row]).splitlines()[-1], flush=True)
     return row
 
@@ -212,10 +144,16 @@ def register_production(redis_url: str, adapter_dir: Path | None) -> str:
     return asyncio.run(run())
 
 
+@dataclass
+class Server:
+    url: str
+    pid: int
+
+
 @contextmanager
 def running_server(data_dir: Path, adapter_dir: Path | None = None, redis_url: str = BENCH_REDIS,
-                   timeout_s: float = 300) -> Iterator[str]:
-    """`chatloop serve` with adapter_dir as production; stopped on exit, whatever the reason."""
+                   timeout_s: float = 300, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`chatloop serve` with adapter_dir as production (and `env` on top); stopped on exit, whatever the reason."""
     register_production(redis_url, adapter_dir)
     port = free_port()
     env = {
@@ -224,6 +162,7 @@ def running_server(data_dir: Path, adapter_dir: Path | None = None, redis_url: s
         "CHATLOOP_REDIS_URL": redis_url,
         "CHATLOOP_CHAT_REQUESTS_PER_MINUTE": "0",
         "CHATLOOP_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     log = tempfile.NamedTemporaryFile("w+", prefix="chatloop-bench-", suffix=".log", delete=False)  # noqa: SIM115
     cmd = [sys.executable, "-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -236,7 +175,7 @@ def running_server(data_dir: Path, adapter_dir: Path | None = None, redis_url: s
                 raise RuntimeError(f"server did not become ready; its log: {log.name}")
             time.sleep(0.5)
         print(f"server ready on {url} (log: {log.name})", flush=True)
-        yield url
+        yield Server(url, server.pid)
     finally:
         server.terminate()
         try:
@@ -269,36 +208,121 @@ def git_label() -> str:
     return f"chatloop {out.stdout.strip() or 'unknown'}"
 
 
+@dataclass
+class Report:
+    rows: list[Row]
+    targets: list[tuple[str, str, str]]  # (what, measured, goal)
+
+    def markdown(self) -> str:
+        lines = ["| target | measured | goal |", "|---|---|---|"]
+        lines += [f"| {what} | {measured} | {goal} |" for what, measured, goal in self.targets]
+        return markdown_table(self.rows) + "\n\n" + "\n".join(lines)
+
+
+def reference_rows(settings: Settings, seconds: float) -> list[Row]:
+    """generate() at each reference level, with every thread count up to torch's and the best kept: on shared
+    cores one thread can be several times faster than two (service/engine/threads.py), and the reference
+    should not lose for that."""
+    rows, most = [], torch.get_num_threads()
+    for concurrency in REFERENCE_LEVELS:
+        tries = []
+        for threads in sorted({1, most}):
+            torch.set_num_threads(threads)
+            samples, wall = generate_reference(settings, PROMPTS, concurrency, MAX_TOKENS, seconds)
+            tries.append(Row(f"transformers generate(), bf16, base, {threads} thread(s)", concurrency, samples, wall))
+            print(markdown_table(tries[-1:]).splitlines()[-1], flush=True)
+        rows.append(max(tries, key=lambda r: r.aggregate))
+    torch.set_num_threads(most)
+    if (llama := llama_cpp_reference(settings, PROMPTS, MAX_TOKENS, seconds)) is not None:
+        rows.append(Row("llama.cpp (Q4_1 GGUF, 2 threads)", 1, llama, sum(s.stamps[-1] - s.started for s in llama)))
+    return rows
+
+
+async def bench_server(url: str, tokenizer, levels: list[int], seconds: float, skip: set[str],
+                       reference: dict[int, float]) -> Report:
+    await asyncio.gather(*(stream_chat(url, body(i, 16)) for i in range(len(PROMPTS))))  # warm-up
+    rows, targets = [], []
+    for concurrency in levels:
+        ref = reference.get(1 if concurrency == 1 else 16)
+        rows.append(await run_level(url, concurrency, seconds, ref))
+        if ref:
+            goal = {1: 3, 16: 3, 64: 5}.get(concurrency)
+            targets.append((f"{concurrency} stream(s) vs generate() at {1 if concurrency == 1 else 16}",
+                            f"{rows[-1].aggregate / ref:.2f}x", f">= {goal}x" if goal else "-"))
+    if "turns" not in skip:
+        latency.wait_idle(url)
+        turns = await latency.second_turn(url, tokenizer)
+        targets.append((
+            f"TTFT of a {turns.prompt_tokens}-token conversation's second turn / its first",
+            f"{turns.ratio:.2f} ({1000 * np.median(turns.second_ttft_s):.0f} / "
+            f"{1000 * np.median(turns.first_ttft_s):.0f} ms)", "<= 0.3"))
+        print(targets[-1], flush=True)
+    if "join" not in skip:
+        latency.wait_idle(url)
+        join = await latency.join_delay(url, tokenizer)
+        targets.append((
+            f"longest wait for a running stream's next token while a {join.prompt_tokens}-token prompt joins "
+            f"{join.running} decoding streams",
+            f"{join.worst_gap_ms:.0f} ms (median gap before: {join.gap_before_ms:.0f} ms; the prompt's TTFT "
+            f"{join.join_ttft_ms:.0f} ms)", "<= 150 ms"))
+        print(targets[-1], flush=True)
+    return Report(rows, targets)
+
+
+async def register_more(redis_url: str, adapters: list[Path]) -> list[str]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return [await registry.register_dir(client, a, {"source": "bench"}) for a in adapters]
+    finally:
+        await client.aclose()
+
+
+def memory(server: Server, settings: Settings) -> tuple[str, str, str]:
+    """Peak RSS once 4 adapters are loaded: production and three more versions, each asked for by name."""
+    for seed in (11, 12, 13):  # one at a time: the registry keeps only a few never-promoted versions
+        adapter = make_adapter(settings, f"bench-lora-r16-{seed}", seed=seed)
+        versions = asyncio.run(register_more(BENCH_REDIS, [adapter]))
+        asyncio.run(latency.load_adapters(server.url, versions))
+    peak, now = latency.peak_rss_mib(server.pid)
+    return "peak RSS of `chatloop serve`, 4 adapters loaded", f"{peak:.0f} MiB (now {now:.0f} MiB)", "printed"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Settings().data_dir, help="CHATLOOP_DATA_DIR for the server")
-    parser.add_argument("--url", help="benchmark this running server instead of starting one")
-    parser.add_argument("--seconds", type=float, default=25, help="time per concurrency level")
-    parser.add_argument("--write", action="store_true", help=f"record the table in {RESULTS.name}")
+    parser.add_argument("--url", help="benchmark this running server instead of starting one (no memory part)")
+    parser.add_argument("--seconds", type=float, default=20, help="time per concurrency level")
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: reference,turns,join,memory")
+    parser.add_argument("--write", action="store_true", help=f"record the tables in {RESULTS.name}")
     parser.add_argument("--label", default=git_label(), help="section heading in RESULTS.md")
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on kill too
 
     settings = Settings(data_dir=args.data_dir)
     load = os.getloadavg()[0]  # other work on these few cores skews every figure
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(settings))
+    references = [] if "reference" in skip else reference_rows(settings, args.seconds)
+    by_level = {r.concurrency: r.aggregate for r in references if r.what.startswith("transformers")}
     if args.url:
-        rows = asyncio.run(bench_server(args.url.rstrip("/"), args.seconds))
+        report = asyncio.run(bench_server(args.url.rstrip("/"), tokenizer, args.levels, args.seconds, skip, by_level))
         dtype = "dtype unknown (external server)"
     else:
         adapter = make_adapter(settings)
-        print(f"adapter: {adapter}", flush=True)
-        with running_server(args.data_dir, adapter) as url:
-            rows = asyncio.run(bench_server(url, args.seconds))
+        with running_server(args.data_dir, adapter, env=SERVER_ENV) as server:
+            report = asyncio.run(bench_server(server.url, tokenizer, args.levels, args.seconds, skip, by_level))
+            if "memory" not in skip:
+                report.targets.append(memory(server, settings))
         dtype = str(resolve_dtype(settings.dtype, resolve_device(settings.device))).removeprefix("torch.")
-    if (reference := bench_llama_cpp(settings, args.seconds)) is not None:
-        rows.append(reference)
-    table = markdown_table(rows)
-    machine = f"{os.cpu_count()} cores (load {load:.1f} at start), torch {torch.__version__}, {dtype}."
-    if reference is None:
-        machine += " llama-cpp-python not installed: no llama.cpp row."
-    print(f"\n{machine}\n\n{table}")
+    report.rows = references + report.rows
+    machine = (f"{os.cpu_count()} cores shared with other agents' work (load {load:.1f} at start, "
+               f"{os.getloadavg()[0]:.1f} at the end): absolute figures are noisy, ratios within the run are what "
+               f"count. torch {torch.__version__}, {dtype}.")
+    print(f"\n{machine}\n\n{report.markdown()}")
     if args.write:
-        write_results(args.label, table, machine, shlex.join(["python", "-m", "bench.serve", *sys.argv[1:]]))
+        write_results(args.label, report.markdown(), machine,
+                      shlex.join(["python", "-m", "bench.serve", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

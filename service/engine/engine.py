@@ -1,10 +1,15 @@
 """The generation engine: one per process, owning the model, batching every request in flight.
 
-A single thread runs the decode loop so model code never blocks the event loop. Between decode steps
-it admits new requests (one batched prefill per adapter, then their rows join the running batch) and
-drops finished or cancelled ones: continuous batching over a KV cache. Sequences are grouped by
-adapter; each group is one batch decoded with that adapter's merged weights (lora.py says why).
-Results go back to the event loop once per step through asyncio queues.
+A single thread runs the loop so model code never blocks the event loop. Each turn of the loop it spends at
+most `prefill_chunk` prompt tokens on prefill (requests that start like a recent prompt or answer continue
+from its cached keys and values, prefix_cache.py; a long prompt is prefilled a chunk per turn), then runs one
+decode step for every group of rows, then hands the new text to the event loop: continuous batching over a KV
+cache, where a long prompt joining delays running streams by one chunk at most. Rows are grouped by the
+weights that serve them (forward.py; lora.py says why each adapter has its own merged weights).
+
+Fairness: a caller (GenerationRequest.owner) gets at most `max_sequences_per_caller` rows at once, others
+are admitted past its waiting requests; the queue of waiting sequences is bounded, overall and per caller,
+and `submit` refuses (EngineBusy) rather than queue past it.
 """
 
 import asyncio
@@ -14,69 +19,29 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from common.models import BASE, eos_token_ids
+from service.engine.batch import Rows
 from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.kv_cache import BatchCache
+from service.engine.forward import Forward, make_forward
 from service.engine.model import BaseModel
+from service.engine.prefill import Cohort, plan_cohorts
+from service.engine.prefix_cache import PrefixCache
+from service.engine.requests import Delta, EngineBusy, GenerationRequest, Limits
 from service.engine.sampling import sample
 from service.engine.threads import ThreadTuner
+from service.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class Delta:
-    """Text for one choice; `finish_reason` is set on the choice's last event."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-
-
-class EngineError(RuntimeError):
-    pass
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: str = BASE
-    n: int = 1
-    id: str = ""
-    cancelled: bool = False  # set by the event loop, read by the engine thread between steps
-    _queue: asyncio.Queue | None = field(default=None, repr=False)
-    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    async def stream(self) -> AsyncIterator[Delta]:
-        """Events until every choice has finished. Raises EngineError if generation failed."""
-        remaining = self.n
-        while remaining:
-            item = await self._queue.get()
-            if isinstance(item, Exception):
-                raise EngineError(str(item)) from item
-            if item.finish_reason is not None:
-                remaining -= 1
-            yield item
+# While rows decode, a turn's prefill is sized to take about this long at the measured prefill rate, so a
+# running stream waits about this plus one decode step for its next token, however loaded the machine is.
+CHUNK_TARGET_S = 0.06
+MIN_CHUNK = 16
 
 
 @dataclass
@@ -85,87 +50,34 @@ class _Sequence:
     index: int
     detok: IncrementalDetokenizer
     generator: torch.Generator
-    generated: int = 0
-
-
-class _Batch:
-    """Rows decoded together with one adapter: right-aligned, left-padded, sharing one KV cache.
-
-    Row r's first pad[r] cache columns are padding; its next token goes in column `cache.length` at
-    position `cache.length - pad[r]`. The attention mask and positions follow from `pad` in two small
-    ops per step, so nothing but the cache grows as the answer does.
-    """
-
-    def __init__(self, model: torch.nn.Module, num_layers: int) -> None:
-        self.model = model
-        self.cache = BatchCache(num_layers)
-        self.seqs: list[_Sequence] = []
-        self.pad = torch.zeros(0, dtype=torch.long)  # (B,) left-padding columns of each row
-        self.last = torch.zeros(0, dtype=torch.long)  # (B,) token to feed next
-        self.temperature = torch.zeros(0)  # (B,) sampling parameters, kept in step with the rows
-        self.top_p = torch.zeros(0)  # (B,)
-        # Without padding transformers drops the mask, and sdpa without one takes its enable_gqa path:
-        # 5-10x slower on CPU for a one-token query than the path it takes with a mask (1 stream: 30 vs
-        # 47 tokens/s). A ready 4D boolean mask also skips transformers' mask building. Eager attention
-        # wants a float mask of its own making, so other kinds get the plain (B, T) one.
-        self.mask_4d = model.config._attn_implementation == "sdpa"
-
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-            use_cache=True, logits_to_keep=1,
-        )
-        return out.logits[:, -1]  # (B, V)
-
-    def decode_step(self) -> torch.Tensor:
-        """Feed every row its last token; the next-token logits (B, V)."""
-        length = self.cache.length
-        mask = torch.arange(length + 1, device=self.pad.device) >= self.pad[:, None]  # (B, T) True = real token
-        if self.mask_4d:
-            mask = mask[:, None, None, :]  # (B, 1, 1, T): one query row, shared by all heads
-        return self.forward(self.last[:, None], mask, (length - self.pad)[:, None])
-
-    def merge(self, other: "_Batch") -> None:
-        if not self.seqs:
-            self.cache, self.seqs, self.pad, self.last = other.cache, other.seqs, other.pad, other.last
-            self.temperature, self.top_p = other.temperature, other.top_p
-            return
-        t = max(self.cache.length, other.cache.length)
-        self.pad = torch.cat([self.pad + t - self.cache.length, other.pad + t - other.cache.length])
-        self.cache.merge(other.cache)
-        self.last = torch.cat([self.last, other.last])
-        self.temperature = torch.cat([self.temperature, other.temperature])
-        self.top_p = torch.cat([self.top_p, other.top_p])
-        self.seqs += other.seqs
-
-    def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.pad.device)
-        pad = self.pad[index]
-        # Columns that are padding in every remaining row are dead weight: drop them.
-        drop = int(pad.min()) if len(rows) else 0
-        self.cache.select(index, drop_left=drop)
-        self.pad = pad - drop
-        self.last, self.temperature, self.top_p = self.last[index], self.temperature[index], self.top_p[index]
-        self.seqs = [self.seqs[i] for i in rows]
+    tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
 
 
 class Engine:
-    def __init__(self, base: BaseModel, max_batch_size: int = 32, max_context: int = 2048) -> None:
+    def __init__(
+        self, base: BaseModel, max_batch_size: int = 32, max_context: int = 2048, limits: Limits | None = None
+    ) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
         self.max_batch_size = max_batch_size
         self.max_context = min(max_context, base.max_positions)
+        self.limits = limits or Limits.from_settings(get_settings())
         self.eos = eos_token_ids(base.model, base.tokenizer)
-        self.num_layers = base.model.config.num_hidden_layers
-        self._weights: dict[str, torch.nn.Module] = {BASE: base.model}
-        self._batches: dict[str, _Batch] = {}
+        self._base_forward = base.forward or make_forward(base.model)
+        self._forwards: dict[str, Forward] = {BASE: self._base_forward}
+        self.prefixes = PrefixCache(self.limits.prefix_cache_mb * 2**20)
+        self._groups: dict[int, Rows] = {}  # forward serial -> the rows decoding with it
+        self._prefilling: list[Cohort] = []  # prompts part-way through a chunked prefill, oldest first
         self._inbox: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._waiting: list[GenerationRequest] = []
+        self._queued = Counter()  # owner -> sequences submitted and not yet admitted ("" counts everyone)
+        self._queue_lock = threading.Lock()
         self._outbox: list[tuple[GenerationRequest, Delta | Exception]] = []
         self._thread: threading.Thread | None = None
         self._seed = itertools.count(int(time.time_ns() % 2**31))
         self._threads = torch.get_num_threads()  # the most the engine thread uses (see ThreadTuner)
         self.steps = 0  # decode steps run, for metrics and tests
+        self._prefill_rate: float | None = None  # prompt tokens per second, a moving average
 
     # ---- called from the event loop / other threads ----
 
@@ -185,29 +97,54 @@ class Engine:
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._weights)
+        return list(self._forwards)
 
     def add_adapter(self, name: str, model: torch.nn.Module) -> None:
-        """Register a model (from BaseModel.with_adapter) under a name; running rows keep theirs."""
-        self._weights[name] = model
+        """Serve a model (from BaseModel.with_adapter) under a name; rows already running keep their weights."""
+        forward = getattr(model, "chatloop_forward", None) or make_forward(model, self._base_forward)
+        self.remove_adapter(name)
+        self._forwards[name] = forward
 
     def remove_adapter(self, name: str) -> None:
-        """New requests can no longer name it; batches already using it finish with it."""
-        if name != BASE:
-            self._weights.pop(name, None)
+        """New requests can no longer name it; rows already using it finish with it."""
+        if name != BASE and (forward := self._forwards.pop(name, None)) is not None:
+            self.prefixes.drop(forward.serial)
 
     def active_sequences(self) -> int:
-        return sum(len(b.seqs) for b in self._batches.values())
+        return sum(len(rows) for rows in list(self._groups.values()))  # a copy: the engine thread changes it
+
+    def queued_sequences(self) -> int:
+        return self._queued[""]
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
-        if request.adapter not in self._weights:
-            raise KeyError(request.adapter)
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
-        request._loop = asyncio.get_running_loop()
-        request._queue = asyncio.Queue()
-        self._inbox.put(request)
-        return request
+        """Queue a request; KeyError for an unknown adapter, EngineBusy when the queue is full."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Queue every request or none (EngineBusy when they do not all fit the queue's limits)."""
+        for request in requests:
+            if request.adapter not in self._forwards:
+                raise KeyError(request.adapter)
+            if not request.prompt_ids:
+                raise ValueError("empty prompt")
+        wanted = Counter()
+        for request in requests:
+            wanted[""] += request.n
+            if request.owner is not None:
+                wanted[request.owner] += request.n
+        with self._queue_lock:
+            for owner, n in wanted.items():
+                limit = self.limits.max_queued_sequences if owner == "" else self.limits.max_queued_per_caller
+                if self._queued[owner] + n > limit:
+                    who = "sequences are" if owner == "" else "of your sequences are"
+                    raise EngineBusy(f"{self._queued[owner]} {who} waiting; try again shortly", 1)
+            self._queued.update(wanted)
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            request._forward = self._forwards[request.adapter]
+            request._loop, request._queue = loop, asyncio.Queue()
+            self._inbox.put(request)
+        return requests
 
     # ---- the engine thread ----
 
@@ -216,17 +153,17 @@ class Engine:
         tuner = ThreadTuner(self._threads)
         with torch.inference_mode():
             while True:
-                if not self._batches and not self._waiting:
+                if not self._groups and not self._waiting and not self._prefilling:
                     item = self._inbox.get()  # idle: sleep until work arrives
                     if item is None:
                         return
                     self._waiting.append(item)
                 if not self._drain_inbox():
                     return
-                self._admit()
+                self._prefill()
                 rows, started = self.active_sequences(), time.perf_counter()
-                for name in list(self._batches):
-                    self._guarded(name, self._decode)
+                for serial in list(self._groups):
+                    self._guarded_decode(serial)
                 if rows:
                     tuner.observe(time.perf_counter() - started, rows)
                 self._flush()
@@ -241,63 +178,126 @@ class Engine:
                 return False
             self._waiting.append(item)
 
-    def _guarded(self, name: str, step) -> None:
-        """Run one step for a group; a failure ends that group's requests with an error, not the engine."""
+    def _guarded_decode(self, serial: int) -> None:
+        """One decode step for a group; a failure ends that group's requests with an error, not the engine."""
         try:
-            step(name)
+            self._decode(serial)
         except Exception as exc:
-            log.exception("generation step failed for adapter %s", name)
-            batch = self._batches.pop(name, None)
-            for request in {id(s.request): s.request for s in (batch.seqs if batch else [])}.values():
+            log.exception("decode step failed")
+            rows = self._groups.pop(serial, None)
+            for request in {id(s.request): s.request for s in (rows.seqs if rows else [])}.values():
                 self._outbox.append((request, exc))
 
-    def _admit(self) -> None:
-        room = self.max_batch_size - self.active_sequences()
-        admitted: dict[str, list[GenerationRequest]] = {}
-        still_waiting = []
+    def _dequeue(self, request: GenerationRequest) -> None:
+        with self._queue_lock:
+            self._queued[""] -= request.n
+            if request.owner is not None:
+                self._queued[request.owner] -= request.n
+                if self._queued[request.owner] <= 0:
+                    del self._queued[request.owner]
+
+    def _in_flight(self) -> Counter:
+        """Sequences admitted and not finished, per owner ("" counts everyone)."""
+        counts = Counter()
+        requests = [s.request for rows in self._groups.values() for s in rows.seqs]
+        requests += [r for c in self._prefilling for r in c.requests for _ in range(r.n)]
+        for request in requests:
+            counts[""] += 1
+            if request.owner is not None:
+                counts[request.owner] += 1
+        return counts
+
+    def _admissible(self, request: GenerationRequest, counts: Counter) -> bool:
+        """Whether `request` may take rows now: room in the batch, and its owner under the per-caller cap.
+
+        A request that could never fit (n over a cap) goes in alone when nothing else holds the rows.
+        """
+        room = request.n <= self.max_batch_size - counts[""] or counts[""] == 0
+        cap = self.limits.max_sequences_per_caller
+        mine = counts[request.owner] if request.owner is not None else 0
+        fair = request.owner is None or not cap or request.n <= cap - mine or mine == 0
+        return room and fair
+
+    def _chunk(self) -> int:
+        """This turn's prefill budget: the whole chunk when nothing decodes, else what fits CHUNK_TARGET_S."""
+        if not self._groups or self._prefill_rate is None:
+            return self.limits.prefill_chunk
+        return int(min(self.limits.prefill_chunk, max(MIN_CHUNK, self._prefill_rate * CHUNK_TARGET_S)))
+
+    def _prefill(self) -> None:
+        """Spend at most one chunk of prompt tokens: on prompts part-way through first (half the chunk when
+        others wait, so a long prompt does not hold up every short one behind it), then on new ones."""
+        budget = self._chunk()
+        continuing = budget // 2 if self._waiting else budget
+        for cohort in list(self._prefilling):
+            if all(r.cancelled for r in cohort.requests):
+                self._prefilling.remove(cohort)
+            elif continuing > 0:
+                cost = self._feed(cohort, continuing)
+                continuing, budget = continuing - cost, budget - cost
+        if budget <= 0 or not self._waiting:
+            return
+        counts, admitted, waiting = self._in_flight(), [], []
         for request in self._waiting:
             if request.cancelled:
-                continue
-            if request.n <= room or (room == self.max_batch_size and not admitted):
-                admitted.setdefault(request.adapter, []).append(request)
-                room -= request.n
+                self._dequeue(request)
+            elif self._admissible(request, counts):
+                admitted.append(request)
+                counts[""] += request.n
+                if request.owner is not None:
+                    counts[request.owner] += request.n
             else:
-                still_waiting.append(request)
-        self._waiting = still_waiting
-        for adapter, requests in admitted.items():
-            try:
-                self._prefill(adapter, requests)
-            except Exception as exc:
-                log.exception("prefill failed for adapter %s", adapter)
-                self._outbox.extend((r, exc) for r in requests)
+                waiting.append(request)
+        cohorts, left = plan_cohorts(admitted, self.prefixes, budget)
+        self._waiting = left + waiting  # admitted but past this turn's budget: first in line next turn
+        for cohort in cohorts:
+            for request in cohort.requests:
+                self._dequeue(request)
+            self._prefilling.append(cohort)
+            budget -= self._feed(cohort, budget)
 
-    def _prefill(self, adapter: str, requests: list[GenerationRequest]) -> None:
-        model = self._weights.get(adapter) or self._batches[adapter].model
-        device = self.base.device
-        t = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), t), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(requests), t), dtype=torch.long)
-        for row, request in enumerate(requests):
-            ids[row, t - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, t - len(request.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        new = _Batch(model, self.num_layers)
-        logits = new.forward(ids.to(device), mask.to(device), positions.to(device))  # (R, V)
-        # n > 1: every choice shares the prompt's prefill.
-        repeats = torch.tensor([r.n for r in requests], device=device)
-        new.cache.repeat_rows(repeats)
-        choices = [r for r in requests for _ in range(r.n)]
-        new.pad = torch.tensor([t - len(r.prompt_ids) for r in choices], dtype=torch.long, device=device)
-        new.temperature = torch.tensor([r.params.temperature for r in choices], device=device)
-        new.top_p = torch.tensor([r.params.top_p for r in choices], device=device)
-        new.seqs = [self._sequence(r, i) for r in requests for i in range(r.n)]
-        self._sample_and_emit(new, logits.repeat_interleave(repeats, dim=0))
-        if not new.seqs:
+    def _feed(self, cohort: Cohort, budget: int) -> int:
+        """One chunk of `cohort`'s prompts (at most `budget` tokens); returns the tokens it cost. A failure ends
+        the cohort's requests with an error, not the engine."""
+        try:
+            started = time.perf_counter()
+            logits, cost = cohort.feed(budget)
+            if cost >= MIN_CHUNK:
+                rate = cost / max(time.perf_counter() - started, 1e-6)
+                self._prefill_rate = rate if self._prefill_rate is None else 0.5 * (self._prefill_rate + rate)
+            if logits is not None:
+                self._prefilling.remove(cohort)
+                self._start_decoding(cohort, logits)
+            return cost
+        except Exception as exc:
+            log.exception("prefill failed")
+            if cohort in self._prefilling:
+                self._prefilling.remove(cohort)
+            self._outbox.extend((r, exc) for r in cohort.requests)
+            return budget
+
+    def _start_decoding(self, cohort: Cohort, logits: torch.Tensor) -> None:
+        """A cohort's prompts are in: remember them, sample every choice's first token, join the group."""
+        rows, requests = cohort.rows, cohort.requests
+        for i, request in enumerate(requests):
+            self.prefixes.store(rows.forward.serial, request.prompt_ids, rows.history(i))
+        repeats = [r.n for r in requests]
+        rows.repeat(repeats)  # n > 1: every choice shares the prompt's prefill
+        rows.seqs = [self._sequence(r, i) for r in requests for i in range(r.n)]
+        rows.temperature = torch.tensor([s.request.params.temperature for s in rows.seqs])
+        rows.top_p = torch.tensor([s.request.params.top_p for s in rows.seqs])
+        counts = torch.tensor(repeats)
+        exact = rows.forward.exact
+        if exact is not None:
+            exact = (exact[0].repeat_interleave(counts, dim=0), exact[1])
+        self._sample_and_emit(rows, logits.repeat_interleave(counts, dim=0), exact)
+        if not rows.seqs:
             return
-        if adapter in self._batches:
-            self._batches[adapter].merge(new)
+        serial = rows.forward.serial
+        if serial in self._groups:
+            self._groups[serial].merge(rows)
         else:
-            self._batches[adapter] = new
+            self._groups[serial] = rows
 
     def _sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         seed = request.params.seed + index if request.params.seed is not None else next(self._seed)
@@ -308,44 +308,55 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def _decode(self, name: str) -> None:
-        batch = self._batches[name]
-        live = [i for i, s in enumerate(batch.seqs) if not s.request.cancelled]
-        if len(live) < len(batch.seqs):
-            batch.keep(live)
-        if not batch.seqs:
-            del self._batches[name]
+    def _decode(self, serial: int) -> None:
+        rows = self._groups[serial]
+        live = [i for i, s in enumerate(rows.seqs) if not s.request.cancelled]
+        if len(live) < len(rows.seqs):
+            rows.keep(live)
+        if not rows.seqs:
+            del self._groups[serial]
             return
-        logits = batch.decode_step()
+        logits = rows.feed(rows.last[:, None], torch.ones((len(rows), 1), dtype=torch.bool))
         self.steps += 1
-        self._sample_and_emit(batch, logits)
-        if not batch.seqs:
-            del self._batches[name]
+        self._sample_and_emit(rows, logits, rows.forward.exact)
+        if not rows.seqs:
+            del self._groups[serial]
 
-    def _sample_and_emit(self, batch: _Batch, logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, rows: Rows, logits: torch.Tensor, exact=None) -> None:
         """Pick the next token of every row, stream its text, and drop rows that finished."""
-        tokens = sample(logits, batch.temperature, batch.top_p, [s.generator for s in batch.seqs])  # (B,)
-        batch.last = tokens
+        tokens = sample(logits, rows.temperature, rows.top_p, [s.generator for s in rows.seqs], exact)  # (B,)
+        rows.last = tokens
         keep = []
-        for row, (seq, token) in enumerate(zip(batch.seqs, tokens.tolist(), strict=True)):
+        for row, (seq, token) in enumerate(zip(rows.seqs, tokens.tolist(), strict=True)):
+            seq.tokens.append(token)
             finish = None
             if token in self.eos:
                 finish, text = "stop", seq.detok.flush()
             else:
-                seq.generated += 1
                 text = seq.detok.push(token)
+                generated = len(seq.tokens)
                 if seq.detok.stopped:
                     finish = "stop"
-                elif seq.generated >= seq.request.params.max_tokens or (
-                    len(seq.request.prompt_ids) + seq.generated >= self.max_context
+                elif generated >= seq.request.params.max_tokens or (
+                    len(seq.request.prompt_ids) + generated >= self.max_context
                 ):
                     finish, text = "length", text + seq.detok.flush()
             if text or finish:
-                self._outbox.append((seq.request, Delta(seq.index, text, finish, seq.generated)))
+                count = len(seq.tokens) - (token in self.eos)
+                self._outbox.append((seq.request, Delta(seq.index, text, finish, count)))
             if finish is None:
                 keep.append(row)
-        if len(keep) < len(batch.seqs):
-            batch.keep(keep)
+            else:
+                self._remember(rows, row, seq)
+        if len(keep) < len(rows.seqs):
+            rows.keep(keep)
+
+    def _remember(self, rows: Rows, row: int, seq: _Sequence) -> None:
+        """Keep a finished answer's keys and values: the next turn of its conversation starts with it."""
+        fed = int(rows.pos[row])  # the last token sampled was never fed
+        ids = (seq.request.prompt_ids + seq.tokens)[:fed]
+        if fed == len(ids):
+            self.prefixes.store(rows.forward.serial, ids, rows.history(row))
 
     def _flush(self) -> None:
         """Hand this step's events to the event loop in one call."""

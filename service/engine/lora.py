@@ -8,6 +8,7 @@ to the serving dtype once. Modules the adapter does not touch share the base ten
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,11 @@ class LoraAdapter:
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """Module name -> fp32 weight delta (out_features, in_features)."""
+        return dict(self.iter_deltas())
+
+    def iter_deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(module name, fp32 weight delta) one module at a time: all of them at once would be an fp32 copy of
+        every targeted weight (400 MB for SmolLM2), which the allocator then keeps."""
         check_supported(self.config)
         alpha = float(self.config["lora_alpha"])
         pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -52,15 +58,13 @@ class LoraAdapter:
                 raise AdapterError(f"unexpected tensor {key!r} in adapter")
             module, _, part = key[len(PEFT_PREFIX) :].rpartition(".lora_")
             pairs.setdefault(module, {})[part.split(".")[0]] = tensor
-        out = {}
+        if missing := [m for m, ab in pairs.items() if set(ab) != {"A", "B"}]:
+            raise AdapterError(f"module {missing[0]!r} lacks lora_A or lora_B")
         for module, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
-                raise AdapterError(f"module {module!r} lacks lora_A or lora_B")
             a, b = ab["A"].float(), ab["B"].float()  # (r, in), (out, r)
             r = a.shape[0]
             scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-            out[module] = scale * (b @ a)
-        return out
+            yield module, scale * (b @ a)
 
 
 def check_supported(config: dict) -> None:
@@ -82,7 +86,7 @@ def merged_weights(
     base_linear maps module names to their full-precision base weights.
     """
     merged = {}
-    for module, delta in adapter.deltas().items():
+    for module, delta in adapter.iter_deltas():
         if module not in base_linear:
             raise AdapterError(f"adapter targets {module!r}, which the base model does not have")
         base = base_linear[module]
@@ -90,3 +94,11 @@ def merged_weights(
             raise AdapterError(f"adapter shape {tuple(delta.shape)} != base {tuple(base.shape)} at {module}")
         merged[f"{module}.weight"] = (base.float() + delta.to(base.device)).to(dtype)
     return merged
+
+
+def validate(adapter: LoraAdapter, base_linear: dict[str, torch.Tensor]) -> None:
+    """AdapterError unless the adapter merges into these base weights as a replica would merge it, giving finite
+    weights: what `chatloop adapters import` checks before it registers a version."""
+    for name, weight in merged_weights(adapter, base_linear, torch.float32).items():
+        if not torch.isfinite(weight).all():
+            raise AdapterError(f"adapter gives non-finite weights at {name}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from service.engine.forward import Forward, make_forward
 from service.engine.lora import LoraAdapter, merged_weights
 from service.engine.threads import one_torch_thread
 from service.settings import Settings
@@ -100,6 +101,7 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     master_linear: dict[str, torch.Tensor]  # module name -> weight in the checkpoint's precision
+    forward: Forward | None = None  # what the engine serves the base with (forward.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,7 +117,11 @@ class BaseModel:
 
     @one_torch_thread()
     def with_adapter(self, adapter: LoraAdapter) -> torch.nn.Module:
-        """A model that shares every tensor with the base except the linears the adapter merges into."""
+        """A model that shares every tensor with the base except the linears the adapter merges into.
+
+        Its forward for the engine is built here too (`chatloop_forward`), in the caller's thread on one core:
+        packing weights takes a few hundred ms that neither the event loop nor the engine thread should spend.
+        """
         merged = merged_weights(adapter, self.master_linear, self.dtype)
         params = dict(self.model.named_parameters())
         # deepcopy with a memo that maps shared tensors to themselves: only the structure is copied.
@@ -123,7 +129,9 @@ class BaseModel:
         memo.update({id(b): b for b in self.model.buffers()})
         for name, weight in merged.items():
             memo[id(params[name])] = torch.nn.Parameter(weight.to(self.device), requires_grad=False)
-        return copy.deepcopy(self.model, memo)
+        model = copy.deepcopy(self.model, memo)
+        model.chatloop_forward = make_forward(model, self.forward)
+        return model
 
 
 @one_torch_thread()
@@ -143,4 +151,5 @@ def load_base_model(settings: Settings) -> BaseModel:
     }
     model.to(device=device, dtype=dtype)
     log.info("loaded base model %s on %s in %s", path, device, dtype)
-    return BaseModel(model=model, tokenizer=tokenizer, name=path.name, master_linear=master)
+    forward = make_forward(model)
+    return BaseModel(model=model, tokenizer=tokenizer, name=path.name, master_linear=master, forward=forward)

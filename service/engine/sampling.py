@@ -8,6 +8,7 @@ work unless a row asks for it, and no full sort for top_p (see top_p_filter).
 import torch
 
 NUCLEUS_START = 64  # first guess at the nucleus size; grown until it holds top_p of the mass
+RESCORED = 8  # greedy rows' best tokens rescored in fp32 when the logits came in bf16
 
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -41,15 +42,32 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return kept
 
 
+def rescore_greedy(
+    weights: torch.Tensor, greedy: torch.Tensor, rows: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Fix the argmax of `rows` in place, from their best few tokens' logits recomputed in fp32.
+
+    bf16 logits are rounded to 3 significant digits, so two tokens a few hundredths apart often tie (at
+    ~25, the step is 0.125) and argmax picks the lower id. Each recomputed logit is the exact dot product
+    of the bf16 hidden state and the token's bf16 weights, as an fp32 head would give.
+    """
+    hidden, head = exact  # (B, hidden), (V, hidden)
+    candidates = weights[rows].topk(min(RESCORED, weights.shape[-1]), dim=-1).indices  # (R, k)
+    scores = torch.einsum("rd,rkd->rk", hidden[rows].float(), head[candidates].float())  # (R, k)
+    greedy[rows] = candidates.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
     generators: list[torch.Generator],
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pick one token per row. logits: (B, V); temperature, top_p: (B,); one generator per row.
 
-    Temperature 0 is greedy. Each row draws its uniform number from its own generator, so a seeded
+    Temperature 0 is greedy; `exact` (final hidden states (B, hidden), head weight (V, hidden)) lets greedy
+    rows settle bf16 ties in fp32. Each row draws its uniform number from its own generator, so a seeded
     request gets the same answer whatever else shares the batch.
     """
     greedy_rows = temperature == 0
@@ -57,6 +75,8 @@ def sample(
     # One fp32 copy, then worked on in place: each fresh (B, V) tensor is another pass over memory.
     weights = logits.to(torch.float32, copy=True)  # (B, V); argmax on bf16 is ~5x slower here
     greedy = weights.argmax(dim=-1) if any_greedy else None
+    if any_greedy and exact is not None:
+        rescore_greedy(weights, greedy, greedy_rows.nonzero().squeeze(-1), exact)
     if any_greedy and bool(greedy_rows.all()):
         return greedy
     if any_greedy or bool((temperature != 1).any()):

@@ -3,9 +3,10 @@ import asyncio
 import pytest
 import torch
 
-from service.engine.engine import Engine, EngineError, GenerationRequest, SamplingParams
+from service.engine.engine import Engine
 from service.engine.lora import LoraAdapter
 from service.engine.model import load_base_model
+from service.engine.requests import EngineError, GenerationRequest, SamplingParams
 
 
 @pytest.fixture
