@@ -1,7 +1,8 @@
 """`chatloop up`: the whole learning assistant on one machine.
 
-Redis (embedded, append-only in the data dir, unless CHATLOOP_REDIS_URL / REDIS_URL names a reachable
-one), the API, one Celery worker and beat, as child processes. Nothing is restarted silently: when a
+Redis (embedded, append-only in the data dir, unless CHATLOOP_REDIS_URL / REDIS_URL names one, which must then
+answer: starting a second, empty Redis instead would split the data in two), the API, one Celery worker and
+beat, as child processes. Nothing is restarted silently: when a
 child dies the launcher says which and stops the rest; Ctrl-C stops everything, Redis last, and
 leaves no process behind.
 """
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -27,6 +29,15 @@ def reachable(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     except (redis.RedisError, OSError, ValueError):
         return False
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def free_port(preferred: int = 0) -> int:
@@ -103,6 +114,12 @@ def child_env(env: dict[str, str], name: str) -> dict[str, str]:
 
 
 def up(settings: Settings) -> int:
+    named = "redis_url" in settings.model_fields_set  # the user chose a Redis: use that one or none
+    if named and not reachable(settings.redis_url):
+        print(f"chatloop: the Redis that CHATLOOP_REDIS_URL / REDIS_URL names ({redacted(settings.redis_url)}) does "
+              "not answer; start it, fix the URL, or unset both to run an embedded Redis in the data dir",
+              file=sys.stderr, flush=True)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     children: list[tuple[str, subprocess.Popen]] = []
     env = dict(os.environ)
@@ -116,7 +133,7 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         url = settings.redis_url
-        if "redis_url" not in settings.model_fields_set or not reachable(url):
+        if not named:
             proc, url = start_embedded_redis(settings)
             children.append(("redis", proc))
             print(f"chatloop: embedded Redis on {url} (append-only, in {settings.data_dir / 'redis'})", flush=True)

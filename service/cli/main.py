@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from service.cli.train import add_commands as add_training_commands
 from service.cli.train import start_run
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -98,17 +98,40 @@ async def feedback_import(args: argparse.Namespace, redis: Redis) -> None:
           f"{counts['recorded']} recorded, {counts['replaced']} replaced, {counts['unchanged']} already there")
 
 
+def check_adapter(path: Path, settings: Settings) -> None:
+    """Refuse (SystemExit) an adapter directory that replicas could not merge into the base model: every replica
+    would fail to load it once promoted."""
+    from safetensors import SafetensorError
+
+    from service.engine.lora import AdapterError, LoraAdapter, validate
+    from service.engine.model import load_base_model
+
+    base = load_base_model(settings)
+    try:
+        validate(LoraAdapter.from_dir(path), base.master_linear)
+    except (AdapterError, SafetensorError) as exc:
+        raise SystemExit(f"not imported: {path} does not fit the base model {base.name}: {exc}") from None
+
+
 @with_redis
 async def adapters_import(args: argparse.Namespace, redis: Redis) -> None:
-    from pathlib import Path
-
     from service.store import registry
 
+    await asyncio.to_thread(check_adapter, Path(args.path), get_settings())
     version = await registry.register_dir(redis, Path(args.path), {"source": str(args.path)}, args.version)
     print(f"registered {args.path} as {version}")
     if args.promote:
-        previous = await registry.promote(redis, version, reason="imported")
-        print(f"promoted {version} (was {previous})")
+        await promote_version(redis, version, "imported")
+
+
+async def promote_version(redis: Redis, version: str, reason: str) -> None:
+    from service.store import registry
+
+    try:
+        previous = await registry.promote(redis, version, reason=reason)
+    except registry.RegistryError as exc:
+        raise SystemExit(f"not promoted: {exc}") from None
+    print(f"promoted {version} (was {previous})")
 
 
 @with_redis
@@ -125,17 +148,17 @@ async def adapters_list(args: argparse.Namespace, redis: Redis) -> None:
 
 @with_redis
 async def adapters_promote(args: argparse.Namespace, redis: Redis) -> None:
-    from service.store import registry
-
-    previous = await registry.promote(redis, args.version, reason="manual")
-    print(f"promoted {args.version} (was {previous})")
+    await promote_version(redis, args.version, "manual")
 
 
 @with_redis
 async def adapters_rollback(args: argparse.Namespace, redis: Redis) -> None:
     from service.store import registry
 
-    print(f"rolled back to {await registry.rollback(redis)}")
+    try:
+        print(f"rolled back to {await registry.rollback(redis)}")
+    except registry.RegistryError as exc:
+        raise SystemExit(f"not rolled back: {exc}") from None
 
 
 def up(args: argparse.Namespace) -> None:
@@ -195,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapters = commands.add_parser("adapters", help="the adapter registry").add_subparsers(
         dest="adapters_command", required=True
     )
-    p = adapters.add_parser("import", help="register a peft adapter directory as a new version")
+    p = adapters.add_parser("import", help="check a peft adapter directory against the base model, then register "
+                            "it as a new version")
     p.add_argument("path")
     p.add_argument("--version", help="version name (default: the next v000N)")
     p.add_argument("--promote", action="store_true", help="also make it production")

@@ -51,10 +51,12 @@ class AppState:
             self.adapters = AdapterManager(
                 engine, self.base, self.redis, self.raw_redis, self.settings.max_loaded_adapters
             )
-            await self.adapters.sync_production()
+            await self.adapters.start()
             engine.start()
             self.engine = engine
-            self._listener = asyncio.create_task(follow_promotions(self.adapters, self.redis))
+            self._listener = asyncio.create_task(
+                follow_promotions(self.adapters, self.redis, self.settings.adapter_resync_s)
+            )
         except Exception as exc:
             log.exception("model loading failed")
             self.error = f"{type(exc).__name__}: {exc}"

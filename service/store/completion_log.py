@@ -1,7 +1,7 @@
 """Every answer the API returns, stored in Redis so that feedback can refer to it.
 
-One JSON document per completion, expiring after `completion_ttl_s` unless someone rates it (the
-feedback scripts PERSIST it).
+One JSON document per completion, expiring after `completion_ttl_s` unless someone rates it: the vote script
+(feedback_store.py) PERSISTs it and deletes it when the last feedback event that holds it leaves the stream.
 """
 
 from pydantic import BaseModel
@@ -29,6 +29,7 @@ class CompletionRecord(BaseModel):
     params: dict
     user: str | None = None  # the OpenAI `user` field
     owner: str  # who asked: "key:<id>" or "anonymous"
+    blind: bool = False  # its choices came from different versions, not shown to the caller (arena, A/B test)
 
     @classmethod
     def build(cls, messages: list[dict], **fields) -> "CompletionRecord":

@@ -19,10 +19,14 @@ Progress = Callable[[list], Iterable]  # wraps the work list; the CLI passes a t
 IMPORTED = "import"  # owner, adapter and model of imported completions, source of their votes
 
 
-async def export_feedback(redis: Redis, out: Path, kind: Kind = "all", progress: Progress = iter) -> dict[str, int]:
-    """Write the current votes as training records; returns the counts of events read and records written."""
+async def export_feedback(
+    redis: Redis, out: Path, kind: Kind = "all", progress: Progress = iter, window: int = 0, max_per_voter: int = 0
+) -> dict[str, int]:
+    """Write the current votes as training records (the newest `window` of them, at most `max_per_voter` from any one
+    voter; 0: no limit); returns the counts of events read and records written."""
     events = [event for _, event in await feedback_store.all_events(redis)]
-    records = [r for r in training_records(events) if kind == "all" or is_pair(r) == (kind == "pairs")]
+    records = training_records(events, window, max_per_voter)
+    records = [r for r in records if kind == "all" or is_pair(r) == (kind == "pairs")]
     write_jsonl(out, progress(records))
     pairs = sum(map(is_pair, records))
     return {"events": len(events), "votes": len(latest_votes(events)), "pairs": pairs, "thumbs": len(records) - pairs}

@@ -1,8 +1,12 @@
 """Every Redis key chatloop uses, in one place.
 
-chatloop:completion:<id>      JSON of one answered request (all its choices); expires unless rated
-chatloop:vote:<vote key>      hash: the current vote of one voter on one answer (or one comparison)
-chatloop:feedback:events      stream of feedback events (thumbs, comparisons); every training run reads it
+chatloop:completion:<id>      JSON of one answered request (all its choices); expires unless rated, and a rated
+                              one is deleted once no event in the stream holds it
+chatloop:vote:<vote key>      hash: the current vote of one voter on one answer (or one comparison); deleted
+                              when its event leaves the stream
+chatloop:feedback:events      stream of feedback events (thumbs, comparisons); every training run reads it;
+                              the newest `feedback_max_events` are kept (feedback_store.py)
+chatloop:feedback:holds       hash: completion key -> events in the stream that hold it (rated answers)
 chatloop:feedback:stats       hash of counters (thumbs_up, thumbs_down, comparisons, pairs, events...)
 chatloop:feedback:trained     the `events` count the last training run had seen
 chatloop:apikey:<sha256>      hash: one API key (id, role, name, created); only the hash is stored
@@ -14,6 +18,7 @@ PREFIX = "chatloop"
 EVENTS = f"{PREFIX}:feedback:events"
 STATS = f"{PREFIX}:feedback:stats"
 TRAINED_EVENTS = f"{PREFIX}:feedback:trained"
+HOLDS = f"{PREFIX}:feedback:holds"
 API_KEYS = f"{PREFIX}:apikeys"
 
 

@@ -112,3 +112,15 @@ def test_a_dying_child_stops_the_whole_stack(env, tmp_path):
         stack.stop()
     assert "beat exited" in (tmp_path / "up.log").read_text()
     assert processes_of(tmp_path) == []
+
+
+@pytest.mark.parametrize("variable", ["CHATLOOP_REDIS_URL", "REDIS_URL"])
+def test_a_named_redis_that_does_not_answer_stops_the_start(env, tmp_path, variable):
+    """Starting the embedded Redis instead would split the data between two Redis servers."""
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "service.cli.main", "up"], env=env | {variable: url},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in done.stderr and "secret" not in done.stderr
+    assert not redis_up(env) and not (tmp_path / "redis").exists()
+    assert processes_of(tmp_path) == []

@@ -1,6 +1,7 @@
 """Feedback survives a Redis crash: with an append-only file fsynced on every write, a vote the API acknowledged is
 still there after the server is killed (SIGKILL, not a clean shutdown) and restarted."""
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -126,5 +127,50 @@ async def test_votes_survive_a_crash(crashable):
         assert await client.ttl(redis_keys.completion(rated.id)) == -1  # the votes made it permanent
         assert 0 < await client.ttl(redis_keys.completion(unrated.id)) <= 3600
 
+    finally:
+        await client.aclose()
+
+
+async def test_redis_killed_mid_vote_loses_no_acknowledged_vote(crashable):
+    """Voters keep voting while Redis is SIGKILLed under them: every vote they were told was recorded is there
+    after the restart, and every vote script ran whole or not at all (events, vote hashes and counters agree)."""
+    records = [completion(f"cmpl-{i}", ["yes", "no"]) for i in range(60)]
+    client = Redis.from_url(crashable.url, decode_responses=True)
+    for record in records:
+        await log_completion(client, record, ttl_s=3600)
+    acknowledged: dict[str, str] = {}  # event id -> vote key
+
+    async def voter(name: str) -> None:
+        own = Redis.from_url(crashable.url, decode_responses=True)
+        try:
+            for record in records:
+                event = vote_on(record, [0], name, rating=1)
+                _, event_id = await feedback_store.cast_vote(own, event)
+                acknowledged[event_id] = redis_keys.vote(event.vote_key)
+        except (redis.RedisError, OSError):
+            return  # the crash
+        finally:
+            await own.aclose(close_connection_pool=True)
+
+    voters = [asyncio.create_task(voter(f"key:{v}")) for v in range(4)]
+    while len(acknowledged) < 40:
+        await asyncio.sleep(0.001)
+    crashable.crash()
+    await asyncio.gather(*voters)
+    await client.aclose()
+    assert len(acknowledged) < 4 * len(records)  # the crash did cut the voters off
+
+    crashable.start()
+    client = Redis.from_url(crashable.url, decode_responses=True)
+    try:
+        events = {event_id: event for event_id, event in await feedback_store.all_events(client)}
+        assert set(acknowledged) <= set(events)
+        for event_id, vote_key in acknowledged.items():
+            assert await client.hget(vote_key, "event_id") == event_id
+        votes = [key async for key in client.scan_iter(redis_keys.vote("*"))]
+        stats = await feedback_store.stats(client)
+        assert len(votes) == len(events) == stats["events"] == stats["thumbs_up"]
+        holds = await client.hgetall(redis_keys.HOLDS)
+        assert sum(int(n) for n in holds.values()) == len(events)
     finally:
         await client.aclose()
