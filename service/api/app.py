@@ -5,10 +5,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api.errors import install_error_handlers
+from service.api.hosts import HostCheckMiddleware
 from service.api.logs import RequestIdMiddleware
 from service.api.metrics import MetricsMiddleware
 from service.api.middleware import BodyLimitMiddleware
-from service.api.routes import admin, chat, feedback, health, metrics, models, web
+from service.api.routes import admin, chat, feedback, health, metrics, models, responses, web
+from service.api.widget_cors import WidgetCORSMiddleware
 from service.serving.state import AppState, StartRun
 from service.settings import Settings, get_settings
 
@@ -28,9 +30,13 @@ def create_app(settings: Settings | None = None, start_run: StartRun | None = No
     app = FastAPI(title="chatloop", version="0.1.0", lifespan=lifespan)
     app.state.chatloop = state
     install_error_handlers(app)
+    app.add_middleware(WidgetCORSMiddleware, origins=settings.widget_origins)  # innermost: errors get CORS too
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)  # before any body is read
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every log line has the id
-    for module in (health, metrics, models, chat, feedback, admin, web):
-        app.include_router(module.router)
+    routers = [health.router, metrics.router, models.router, chat.routes(settings), responses.router,
+               feedback.routes(settings), admin.router, web.router]
+    for router in routers:
+        app.include_router(router)
     return app

@@ -34,12 +34,15 @@ def is_loopback(address: str) -> bool:
 
 
 async def identify(
-    redis: Redis, authorization: str | None, address: str, anonymous: Literal["loopback", "always", "never"]
+    redis: Redis, authorization: str | None, address: str, anonymous: Literal["loopback", "always", "never"],
+    direct: bool,
 ) -> Caller:
     """The caller behind a request: a valid key, or anonymous where the setting allows it (else 401).
 
     OpenAI clients insist on sending some key; a token that is not a chatloop key (they start with
-    'cl-'), such as 'EMPTY' or 'unused', counts as no key at all.
+    'cl-'), such as 'EMPTY' or 'unused', counts as no key at all. `loopback` lets a caller in without a
+    key only when its address is loopback and the request came `direct` (no proxy, a loopback Host:
+    service/api/hosts.py): behind a proxy on this host every client's address is loopback.
     """
     scheme, _, key = (authorization or "").partition(" ")
     key = key.strip()
@@ -50,9 +53,17 @@ async def identify(
         if not record:
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
         return Caller(key_id=record["id"], role=record["role"], address=address)
-    if anonymous == "always" or (anonymous == "loopback" and is_loopback(address)):
+    if anonymous == "always" or (anonymous == "loopback" and direct and is_loopback(address)):
         return Caller(key_id=None, role="anonymous", address=address)
     raise APIError(401, "An API key is required (Authorization: Bearer <key>)", code="missing_api_key")
+
+
+def refuse_admin_from_widget(caller: Caller, origin: str | None, widget_origins: frozenset[str]) -> None:
+    """A page embedding the feedback widget shows its key to every visitor: an admin key sent from one of those
+    origins (the browser sets Origin, and a page cannot) is refused, so that mistake cannot stay unnoticed."""
+    if caller.role == "admin" and origin and origin.rstrip("/").lower() in widget_origins:
+        raise APIError(403, f"An admin key may not be used from a widget page ({origin}): give the widget a "
+                       "user-role key", code="admin_key_from_widget")
 
 
 def require_admin(caller: Caller) -> Caller:

@@ -1,4 +1,10 @@
-"""Turning a chat request into an engine request, and engine events into OpenAI responses."""
+"""Turning a chat request into an engine request, and engine events into OpenAI responses.
+
+Templating and tokenising a conversation (up to the body limit, 1 MB) is CPU work: `prepare_async` runs it
+in a worker thread so the event loop keeps streaming to everyone else meanwhile. Streamed chunks are
+formatted from a prefix serialised once per request (only the text is encoded per token), and every
+event the engine handed over in one step leaves in one write.
+"""
 
 import asyncio
 import json
@@ -12,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from service.api import metrics
 from service.api.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
-from service.engine.engine import Engine, EngineError, GenerationRequest, SamplingParams
+from service.engine.engine import Engine
+from service.engine.requests import Delta, EngineBusy, EngineError, GenerationRequest, SamplingParams
 from service.errors import APIError, error_body
 from service.serving.arena import MergedRequest
 from service.settings import Settings
@@ -33,6 +40,7 @@ class Prepared:
     n: int
     arrived: float = 0.0  # time.perf_counter() when the request was prepared
     choice_adapters: list[str] | None = None  # the arena: choice i is answered by version i
+    owner: str | None = None  # the caller, for the engine's per-caller limits
 
 
 class Timing:
@@ -69,7 +77,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> l
 
 def prepare(
     body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
-    max_context: int,
+    max_context: int, owner: str | None = None,
 ) -> Prepared:
     if body.n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n}", "n")
@@ -96,21 +104,39 @@ def prepare(
     return Prepared(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, adapter=adapter,
         messages=messages, prompt_ids=prompt_ids, params=params, n=body.n, arrived=time.perf_counter(),
+        owner=owner,
     )
+
+
+async def prepare_async(
+    body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
+    max_context: int, owner: str | None = None,
+) -> Prepared:
+    """`prepare` in a worker thread; the arrival time is taken before it, so TTFT includes it."""
+    arrived = time.perf_counter()
+    prepared = await asyncio.to_thread(prepare, body, adapter, tokenizer, settings, max_context, owner)
+    prepared.arrived = arrived
+    return prepared
 
 
 def submit(engine: Engine, prepared: Prepared) -> GenerationRequest | MergedRequest:
-    if prepared.choice_adapters:  # one engine request per version, merged into one answer with n choices
-        return MergedRequest([
-            engine.submit(GenerationRequest(prepared.prompt_ids, prepared.params, adapter=a, n=1, id=prepared.id))
-            for a in prepared.choice_adapters
-        ])
-    return engine.submit(
-        GenerationRequest(
-            prompt_ids=prepared.prompt_ids, params=prepared.params, adapter=prepared.adapter, n=prepared.n,
-            id=prepared.id,
+    """Queue the request; 429 with Retry-After when the engine's queue is full (nothing is queued then)."""
+    try:
+        if prepared.choice_adapters:  # one engine request per version, merged into one answer with n choices
+            return MergedRequest(engine.submit_all([
+                GenerationRequest(prepared.prompt_ids, prepared.params, adapter=a, n=1, id=prepared.id,
+                                  owner=prepared.owner)
+                for a in prepared.choice_adapters
+            ]))
+        return engine.submit(
+            GenerationRequest(
+                prompt_ids=prepared.prompt_ids, params=prepared.params, adapter=prepared.adapter, n=prepared.n,
+                id=prepared.id, owner=prepared.owner,
+            )
         )
-    )
+    except EngineBusy as exc:
+        raise APIError(429, f"the server is busy: {exc}", code="engine_busy",
+                       headers={"Retry-After": str(exc.retry_after_s)}) from exc
 
 
 def logged_choices(texts: list[str], finish: list[str | None], adapters: list[str] | None) -> list[LoggedChoice]:
@@ -152,6 +178,33 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+class ChunkFormat:
+    """`chat.completion.chunk` SSE events of one request: the fields every chunk repeats are serialised once,
+    so a token costs one string encode and one format, not a dict and a whole json.dumps."""
+
+    def __init__(self, head: dict) -> None:
+        self.head = head
+        self.prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+
+    def content(self, index: int, text: str) -> str:
+        return (f'{self.prefix}{index},"delta":{{"content":{json.dumps(text)}}},"logprobs":null,'
+                f'"finish_reason":null}}]}}\n\n')
+
+    def chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse({**self.head, "choices": [choice]})
+
+
+async def _steps(request: GenerationRequest | MergedRequest) -> AsyncIterator[list[Delta]]:
+    """The request's events, grouped as they arrived: all that one engine step delivered come together."""
+    if isinstance(request, GenerationRequest):
+        async for batch in request.batches():
+            yield batch
+        return
+    async for delta in request.stream():
+        yield [delta]
+
+
 async def stream_chunks(
     request: GenerationRequest | MergedRequest, prepared: Prepared, include_usage: bool, on_done: OnDone
 ) -> AsyncIterator[str]:
@@ -160,36 +213,36 @@ async def stream_chunks(
         "id": prepared.id, "object": "chat.completion.chunk", "created": prepared.created,
         "model": prepared.model, "system_fingerprint": prepared.adapter,
     }
-
-    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _sse({**head, "choices": [choice]})
-
+    chunks = ChunkFormat(head)
     tokens = 0
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
     timing = Timing(prepared.arrived)
     metrics.ACTIVE_STREAMS.inc()
     try:
-        for i in range(prepared.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for delta in request.stream():
-            if delta.text:
-                timing.text()
-                texts[delta.index] += delta.text
-                yield chunk(delta.index, {"content": delta.text})
-            if delta.finish_reason:
-                tokens += delta.completion_tokens
-                finish[delta.index] = delta.finish_reason
-                yield chunk(delta.index, {}, delta.finish_reason)
+        yield "".join(chunks.chunk(i, {"role": "assistant", "content": ""}) for i in range(prepared.n))
+        async for batch in _steps(request):
+            out = []
+            for delta in batch:
+                if delta.text:
+                    timing.text()
+                    texts[delta.index] += delta.text
+                    out.append(chunks.content(delta.index, delta.text))
+                if delta.finish_reason:
+                    tokens += delta.completion_tokens
+                    finish[delta.index] = delta.finish_reason
+                    out.append(chunks.chunk(delta.index, {}, delta.finish_reason))
+            if out:
+                yield "".join(out)
         # Logged before [DONE]: a client that saw the end of the stream can rate the answer at once.
         timing.done(tokens)
         await on_done(logged_choices(texts, finish, prepared.choice_adapters))
+        tail = []
         if include_usage:
             prompt = len(prepared.prompt_ids)
             usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-            yield _sse({**head, "choices": [], "usage": usage})
-        yield _sse("[DONE]")
+            tail.append(_sse({**head, "choices": [], "usage": usage}))
+        yield "".join([*tail, _sse("[DONE]")])
     except EngineError as exc:
         yield _sse(error_body(500, f"generation failed: {exc}"))
     finally:

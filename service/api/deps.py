@@ -1,11 +1,16 @@
-"""FastAPI dependencies, as Annotated aliases."""
+"""FastAPI dependencies, as Annotated aliases, and request bodies typed per deployment."""
 
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from redis.asyncio import Redis
 
-from service.api.auth import Caller, enforce_rate_limit, identify, require_admin
+from service.api.auth import Caller, enforce_rate_limit, identify, refuse_admin_from_widget, require_admin
+from service.api.hosts import straight_from_this_machine
+from service.api.widget_cors import parse_origins
 from service.errors import APIError
 from service.serving.state import AppState
 from service.settings import Settings
@@ -40,7 +45,10 @@ async def get_caller(
     request: Request, redis: RedisDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
 ) -> Caller:
     address = request.client.host if request.client else ""
-    return await identify(redis, authorization, address, settings.anonymous)
+    direct = straight_from_this_machine(request.headers)
+    caller = await identify(redis, authorization, address, settings.anonymous, direct)
+    refuse_admin_from_widget(caller, request.headers.get("origin"), parse_origins(settings.widget_origins))
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -63,3 +71,17 @@ async def get_admin(caller: CallerDep) -> Caller:
 ChatCaller = Annotated[Caller, Depends(rate_limited("chat", "chat_requests_per_minute"))]
 FeedbackCaller = Annotated[Caller, Depends(rate_limited("feedback", "feedback_requests_per_minute"))]
 AdminCaller = Annotated[Caller, Depends(get_admin)]
+
+
+def with_body_model(endpoint: Callable[..., Awaitable], model: type) -> Callable[..., Awaitable]:
+    """`endpoint` with its `body` parameter typed as `model`: a request model built from the settings (schemas.py),
+    so that one app's limits are both what FastAPI validates and what /openapi.json says."""
+
+    @functools.wraps(endpoint)
+    async def bound(*args, **kwargs):
+        return await endpoint(*args, **kwargs)
+
+    signature = inspect.signature(endpoint, eval_str=True)
+    params = [p.replace(annotation=model) if p.name == "body" else p for p in signature.parameters.values()]
+    bound.__signature__ = signature.replace(parameters=params)
+    return bound

@@ -7,11 +7,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.unsupported import UNSUPPORTED
 from service.errors import APIError, error_body
 
 log = logging.getLogger(__name__)
 
-OPENAI_ROUTES = {"/v1/chat/completions", "/v1/models"}
+OPENAI_ROUTES = {"/v1/chat/completions", "/v1/responses", "/v1/models"}
 
 
 def error_response(
@@ -21,12 +22,33 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+# pydantic names the union member that failed in the error's location ("list[constrained-str]", "str"), which
+# is no parameter of the API: the parameter is the location up to there.
+_UNION_LABELS = {"str", "int", "float", "bool"}
+
+
+def _param(loc: tuple) -> str | None:
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and (not part.isidentifier() or part in _UNION_LABELS):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    errors = exc.errors()
+    # A union reports every member's complaint; "should be a valid list" about a string says nothing, so a
+    # field chatloop does not support says so first, then a complaint about the value itself.
+    first = next((e for e in errors if e.get("type") == UNSUPPORTED),
+                 next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0]))
+    loc = tuple(p for p in first.get("loc", ()) if p != "body")
+    param = _param(loc)
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for it; the name itself may be no identifier
+        name = ".".join(str(p) for p in loc if p not in _UNION_LABELS and "[" not in str(p))
+        return f"Unrecognized request argument supplied: {name}", name
     message = first.get("msg", "invalid request")
     return (f"{param}: {message}" if param else message), param
 
@@ -46,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

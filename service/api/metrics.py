@@ -29,6 +29,10 @@ FEEDBACK = Counter("chatloop_feedback_events_total", "Feedback recorded by kind 
 ADAPTER = Info("chatloop_production_adapter", "The adapter version this replica serves as production",
                registry=registry)
 SWAPS = Gauge("chatloop_adapter_swaps", "Production adapter changes this replica has made", registry=registry)
+ADAPTER_LOAD_FAILING = Gauge("chatloop_adapter_load_failing", "1 while this replica cannot load the registry's "
+                             "production version and serves its last good one", registry=registry)
+ADAPTER_LOAD_ATTEMPTS = Gauge("chatloop_adapter_load_failed_attempts", "Failed attempts in a row to load the "
+                              "registry's production version (retried with backoff)", registry=registry)
 TRAINING_OK = Gauge("chatloop_last_training_promoted", "1 if the last finished training run promoted its candidate",
                     registry=registry)
 TRAINING_SECONDS = Gauge("chatloop_last_training_seconds", "Duration of the last finished training run",

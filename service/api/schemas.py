@@ -1,44 +1,79 @@
-"""Request and response bodies of the OpenAI-compatible chat API."""
+"""Request and response bodies of the OpenAI-compatible chat API.
+
+The limits a deployment sets (CHATLOOP_MAX_N, CHATLOOP_MAX_STOP, ...) are part of the request model
+(`chat_request_model`), so the schema in /openapi.json is the validation the server applies: a body the
+schema allows is refused only for what no schema can say (a prompt too long for the context, an unknown
+model).
+"""
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from service.api import unsupported
+from service.api.unsupported import Metadata, refuse_unless
+from service.settings import Settings
 
 Role = Literal["system", "developer", "user", "assistant"]
 
 
+def _int64(schema: dict) -> None:
+    # FastAPI writes numeric bounds into /openapi.json as floats, and 2**63 - 1 is no float: OpenAPI's int64
+    # format (a signed 64-bit integer) says the range exactly.
+    schema.pop("minimum", None)
+    schema.pop("maximum", None)
+    schema["format"] = "int64"
+
+
+# OpenAI's seed is a signed 64-bit integer; the engine seeds choice i with seed + i (within what torch takes).
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, json_schema_extra=_int64)]
+
+
 class TextPart(BaseModel):
-    type: Literal["text"]
+    model_config = ConfigDict(extra="forbid")
+
+    type: Annotated[Literal["text"], refuse_unless(lambda v: v == "text" or not isinstance(v, str),
+                                                   "content parts other than text (images, audio, files)")]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """One message; unknown fields are refused, and the tool-call ones are refused unless empty."""
 
-    role: Role
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    model_config = ConfigDict(extra="forbid")
 
-    @model_validator(mode="after")
-    def _needs_content(self) -> "ChatMessage":
-        if self.content is None:
-            raise ValueError(f"a {self.role} message needs content")
-        return self
+    role: Annotated[Role, refuse_unless(lambda v: v not in ("tool", "function"), "tool results (tool messages)")]
+    content: str | list[TextPart]
+    name: Annotated[str, Field(max_length=256)] | None = None  # accepted and ignored: the chat template has no place
+    refusal: unsupported.Null("refusal") = None
+    tool_calls: unsupported.Tools = None
+    function_call: unsupported.Null(unsupported.NO_TOOLS) = None
+    audio: unsupported.Null("audio") = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content or [])
+        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # no padding is sent: harmless to ignore
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The fields every deployment shares; `chat_request_model` adds the limits of one.
 
-    model: str = "chatloop"
+    Every OpenAI field is either honoured, harmless to ignore (labels and routing hints that change nothing in the
+    answer), or refused with a 400 naming it unless it asks for nothing (unsupported.py); unknown fields are refused
+    too (extra="forbid"), as OpenAI's own API does. README (API) lists which is which.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(examples=["chatloop"])] = "chatloop"
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -46,33 +81,55 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     stop: Annotated[str | list[str] | None, Field(validate_default=True)] = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    logprobs: bool | None = None
+    # Harmless to ignore.
+    metadata: Metadata | None = None
+    store: bool | None = None  # every answer is logged in the completion log whatever it says (README, Feedback)
+    service_tier: str | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    parallel_tool_calls: bool | None = None  # without tools, nothing to parallelise
+    modalities: unsupported.Modalities = None
+    # Not supported (yet): refused unless they ask for nothing.
+    presence_penalty: unsupported.Penalty = None
+    frequency_penalty: unsupported.Penalty = None
+    logprobs: unsupported.Logprobs = None
+    top_logprobs: unsupported.TopLogprobs = None
+    logit_bias: unsupported.LogitBias = None
+    response_format: unsupported.ResponseFormat = None
+    tools: unsupported.Tools = None
+    tool_choice: unsupported.ToolChoice = None
+    functions: unsupported.Tools = None
+    function_call: unsupported.ToolChoice = None
+    audio: unsupported.Null("audio output") = None
+    prediction: unsupported.Null("predicted outputs") = None
+    reasoning_effort: unsupported.Null("reasoning_effort (the model does not reason)") = None
+    verbosity: unsupported.Null("verbosity") = None
+    web_search_options: unsupported.Null("web search") = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
-
-    @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        return self
+        return [v] if isinstance(v, str) else list(v or [])
 
     @property
     def answer_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def chat_request_model(settings: Settings) -> type[ChatCompletionRequest]:
+    """The chat request body with this deployment's limits on `n` and the stop strings."""
+    stop_string = Annotated[str, Field(min_length=1, max_length=settings.max_stop_chars)]
+    stops = Annotated[list[stop_string], Field(max_length=settings.max_stop)]
+    return create_model(
+        "ChatCompletionRequest", __base__=ChatCompletionRequest,
+        n=(Annotated[int, Field(ge=1, le=settings.max_n)], 1),
+        stop=(Annotated[stop_string | stops | None, Field(validate_default=True)], None),
+    )
 
 
 class Usage(BaseModel):

@@ -1,8 +1,9 @@
 """Admin routes (admin API key always required): adapters, promotion, rollback, training runs."""
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from service.api.deps import AdminCaller, RedisDep, SettingsDep, StateDep
@@ -22,20 +23,30 @@ async def list_adapters(caller: AdminCaller, redis: RedisDep) -> dict:
             "history": await registry.history(redis)}
 
 
+# `expected` (optional): the production the caller saw; if another promotion or rollback moved it since, 409.
+Expected = Annotated[str | None, Query(description="The production version you saw; 409 if it is no longer.")]
+
+
 @router.post("/adapters/{version}/promote")
-async def promote(version: str, caller: AdminCaller, redis: RedisDep) -> dict:
+async def promote(version: str, caller: AdminCaller, redis: RedisDep, expected: Expected = None) -> dict:
     try:
-        previous = await registry.promote(redis, version, reason=f"admin {caller.principal}")
-    except registry.RegistryError as exc:
+        previous = await registry.promote(redis, version, reason=f"admin {caller.principal}", expected=expected)
+    except registry.UnknownVersion as exc:
         raise APIError(404, str(exc), "version", "adapter_not_found") from None
+    except registry.AlreadyProduction as exc:  # a no-op promotion would make the next rollback a no-op too
+        raise APIError(409, str(exc), "version", "already_production") from None
+    except registry.PromotionConflict as exc:
+        raise APIError(409, str(exc), "expected", "production_changed") from None
     return {"production": version, "previous": previous}
 
 
 @router.post("/rollback")
-async def rollback(caller: AdminCaller, redis: RedisDep) -> dict:
+async def rollback(caller: AdminCaller, redis: RedisDep, expected: Expected = None) -> dict:
     try:
-        return {"production": await registry.rollback(redis)}
-    except registry.RegistryError as exc:
+        return {"production": await registry.rollback(redis, expected=expected)}
+    except registry.PromotionConflict as exc:
+        raise APIError(409, str(exc), "expected", "production_changed") from None
+    except registry.NothingToRollBack as exc:
         raise APIError(409, str(exc), code="nothing_to_roll_back") from None
 
 

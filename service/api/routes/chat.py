@@ -1,27 +1,23 @@
 """POST /v1/chat/completions."""
 
-import logging
 import random
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.api import completions
-from service.api.deps import ChatCaller, ReadyDep
-from service.api.schemas import ChatCompletion, ChatCompletionRequest
+from service.api.answer_log import answer_logger
+from service.api.deps import ChatCaller, ReadyDep, with_body_model
+from service.api.schemas import ChatCompletion, ChatCompletionRequest, chat_request_model
 from service.errors import APIError
 from service.serving import arena
-from service.serving.adapters import UnknownModel
-from service.store.completion_log import CompletionRecord, LoggedChoice, log_completion
+from service.serving.adapters import PRODUCTION_MODEL, AdapterUnavailable, UnknownModel
+from service.settings import Settings
 
-log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["chat"])
 ADAPTER_HEADER = "X-Chatloop-Adapter"
 RNG = random.Random()
-LOGGED_PARAMS = {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n"}
 
 
-@router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, http: Request, response: Response, state: ReadyDep, caller: ChatCaller
 ) -> ChatCompletion | StreamingResponse | Response:
@@ -36,21 +32,22 @@ async def chat_completions(
             adapter = await state.adapters.adapter_for(body.model)
         except UnknownModel:
             raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
+        if body.model == PRODUCTION_MODEL:  # a share of the comparison traffic answers a running A/B test
+            pair = await arena.ab_pair(state.redis, adapter, body.n, state.settings.ab_share, RNG)
+            if pair is not None:
+                try:
+                    await state.adapters.ensure_loaded(next(v for v in pair if v != adapter))
+                    adapter = arena.AB_LABEL
+                except AdapterUnavailable:  # the candidate cannot be served here: production answers alone
+                    pair = None
+    # Validate (template, tokenise: off the event loop) before loading any adapter a request names: a bad
+    # request must cost no merge. The caller's identity goes with it, for the engine's per-caller limits.
+    prepared = await completions.prepare_async(body, adapter, state.base.tokenizer, state.settings,
+                                               state.engine.max_context, owner=caller.limiter_id)
     for version in pair or [adapter]:
         await state.adapters.ensure_loaded(version)
-    prepared = completions.prepare(body, adapter, state.base.tokenizer, state.settings, state.engine.max_context)
     prepared.choice_adapters = pair
-
-    async def log_answer(choices: list[LoggedChoice]) -> None:
-        record = CompletionRecord.build(
-            prepared.messages, id=prepared.id, created=prepared.created, model=prepared.model, adapter=adapter,
-            choices=choices, params=body.model_dump(include=LOGGED_PARAMS), user=body.user, owner=caller.principal,
-        )
-        try:
-            await log_completion(state.redis, record, state.settings.completion_ttl_s)
-        except Exception:  # the answer still goes out; losing its log is bad, refusing the user is worse
-            log.exception("could not log completion %s", prepared.id)
-
+    log_answer = answer_logger(state, prepared, body, adapter, caller.principal, blind=pair is not None)
     request = completions.submit(state.engine, prepared)
     headers = {ADAPTER_HEADER: adapter}
     if body.stream:
@@ -62,3 +59,11 @@ async def chat_completions(
         return Response(status_code=499)
     response.headers.update(headers)
     return result
+
+
+def routes(settings: Settings) -> APIRouter:
+    """The chat route, its body carrying this deployment's limits (schemas.chat_request_model)."""
+    router = APIRouter(prefix="/v1", tags=["chat"])
+    endpoint = with_body_model(chat_completions, chat_request_model(settings))
+    router.add_api_route("/chat/completions", endpoint, methods=["POST"], response_model=None)
+    return router

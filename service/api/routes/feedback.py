@@ -5,22 +5,22 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from service.api import metrics
-from service.api.deps import FeedbackCaller, RedisDep, SettingsDep
+from service.api.deps import FeedbackCaller, RedisDep, SettingsDep, with_body_model
 from service.api.feedback_bodies import (
     ComparisonRequest,
     ThumbRequest,
     answer,
-    check_comment,
     check_owner,
     comparison_event,
+    comparison_request_model,
     thumb_event,
+    thumb_request_model,
 )
 from service.errors import APIError
 from service.feedback.events import FeedbackEvent
+from service.settings import Settings
 from service.store import feedback_store
 from service.store.completion_log import CompletionRecord, get_completion
-
-router = APIRouter(prefix="/v1", tags=["feedback"])
 
 
 class FeedbackReceipt(BaseModel):
@@ -45,22 +45,18 @@ async def _cast(redis: Redis, event: FeedbackEvent) -> FeedbackReceipt:
                        "completion_not_found") from None
     metrics.FEEDBACK.labels(event.kind, status).inc()
     adapters = [a.adapter for a in event.answers] if event.kind == "comparison" else None
-    return FeedbackReceipt(id=event_id, status=status, pairs=len(event.pairs()), adapters=adapters)
+    return FeedbackReceipt(id=event_id, status=status, pairs=event.pair_count(), adapters=adapters)
 
 
-@router.post("/feedback")
-async def thumbs(body: ThumbRequest, caller: FeedbackCaller, redis: RedisDep, settings: SettingsDep) -> FeedbackReceipt:
-    check_comment(body.comment, settings.max_comment_chars)
+async def thumbs(body: ThumbRequest, caller: FeedbackCaller, redis: RedisDep) -> FeedbackReceipt:
     record = await _record(redis, body.completion_id)
     check_owner(caller, record)
     return await _cast(redis, thumb_event(body, record, caller))
 
 
-@router.post("/comparisons")
 async def comparisons(
     body: ComparisonRequest, caller: FeedbackCaller, redis: RedisDep, settings: SettingsDep
 ) -> FeedbackReceipt:
-    check_comment(body.comment, settings.max_comment_chars)
     if body.completion_id is not None:
         record = await _record(redis, body.completion_id)
         records = [record] * len(record.choices)
@@ -71,9 +67,19 @@ async def comparisons(
         answers = [answer(r, a.choice_index, f"answers.{i}.choice_index") for i, (r, a) in pairs]
     for record in records:
         check_owner(caller, record)
-    return await _cast(redis, comparison_event(body, records, answers, caller))
+    return await _cast(redis, comparison_event(body, records, answers, caller, settings.max_n))
 
 
-@router.get("/feedback/stats")
 async def feedback_stats(caller: FeedbackCaller, redis: RedisDep) -> dict[str, int]:
     return await feedback_store.stats(redis)
+
+
+def routes(settings: Settings) -> APIRouter:
+    """The feedback routes, their bodies carrying this deployment's limits (feedback_bodies.py)."""
+    router = APIRouter(prefix="/v1", tags=["feedback"])
+    router.add_api_route("/feedback", with_body_model(thumbs, thumb_request_model(settings)), methods=["POST"])
+    router.add_api_route(
+        "/comparisons", with_body_model(comparisons, comparison_request_model(settings)), methods=["POST"]
+    )
+    router.add_api_route("/feedback/stats", feedback_stats, methods=["GET"])
+    return router

@@ -21,6 +21,8 @@ async def readyz(state: StateDep) -> JSONResponse:
             {
                 "status": "ready",
                 "production_adapter": state.adapters.production,
+                # set while the registry's production cannot be loaded here (production_adapter is the last good)
+                "adapter_error": state.adapters.load_error,
                 "active_sequences": engine.active_sequences(),
                 "decode_steps": engine.steps,
             }

@@ -18,6 +18,9 @@ async def prometheus(state: StateDep) -> Response:
         metrics.BATCH_SIZE.set(state.engine.active_sequences())
         metrics.ADAPTER.info({"version": state.adapters.production})
         metrics.SWAPS.set(state.adapters.swaps)
+        error = state.adapters.load_error
+        metrics.ADAPTER_LOAD_FAILING.set(error is not None)
+        metrics.ADAPTER_LOAD_ATTEMPTS.set(error["attempts"] if error else 0)
     try:
         run = await asyncio.wait_for(asyncio.to_thread(runs.last_finished_run, runs.client(state.settings)), timeout=1)
     except Exception:  # metrics must answer even when Redis does not

@@ -1,4 +1,4 @@
-"""The web chat: the page at /, its static files, and GET /v1/status for its status panel."""
+"""The web chat: the page at /, its static files, and GET /v1/status for its status panel; the feedback widget."""
 
 import asyncio
 from pathlib import Path
@@ -33,6 +33,12 @@ def _static(name: str) -> FileResponse:
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     return _static("index.html")
+
+
+@router.get("/widget.js", include_in_schema=False)
+async def widget() -> FileResponse:
+    """The embeddable feedback widget (README, The feedback widget): a plain <script> from any page."""
+    return _static("widget.js")
 
 
 @router.get("/static/{name}", include_in_schema=False)

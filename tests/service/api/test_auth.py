@@ -96,14 +96,15 @@ def test_loopback_rule():
 
 
 async def test_anonymous_setting(aredis):
-    assert (await identify(aredis, None, "127.0.0.1", "loopback")).role == "anonymous"
-    assert (await identify(aredis, "Bearer EMPTY", "::1", "loopback")).principal == "anonymous"
-    with pytest.raises(APIError) as err:
-        await identify(aredis, None, "192.0.2.7", "loopback")
-    assert err.value.status == 401
-    assert (await identify(aredis, None, "192.0.2.7", "always")).role == "anonymous"
+    assert (await identify(aredis, None, "127.0.0.1", "loopback", True)).role == "anonymous"
+    assert (await identify(aredis, "Bearer EMPTY", "::1", "loopback", True)).principal == "anonymous"
+    for address, direct in (("192.0.2.7", True), ("127.0.0.1", False)):  # not local, or through a proxy
+        with pytest.raises(APIError) as err:
+            await identify(aredis, None, address, "loopback", direct)
+        assert err.value.status == 401
+    assert (await identify(aredis, None, "192.0.2.7", "always", False)).role == "anonymous"
     key, key_id = await create_key(aredis, "admin", "ops")
-    caller = await identify(aredis, f"Bearer {key}", "192.0.2.7", "never")
+    caller = await identify(aredis, f"Bearer {key}", "192.0.2.7", "never", False)
     assert caller == Caller(key_id=key_id, role="admin", address="192.0.2.7")
 
 
