@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -39,6 +39,16 @@ def is_pair(record: dict) -> bool:
     return "chosen" in record
 
 
+class Origin(NamedTuple):
+    """Where a served answer came from: the adapter version that wrote it, how it ended ("stop" at EOS, "length"
+    at the token limit) and its sampling settings. Unknown fields are None (imported or older records)."""
+
+    adapter: str | None = None
+    finish_reason: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
 @dataclass(frozen=True)
 class Pair:
     prompt: Messages
@@ -46,6 +56,7 @@ class Pair:
     rejected: str
     created: int | None = field(default=None, compare=False)  # when the vote was cast, if the record says
     record_id: str = field(default="", compare=False)  # a hash of the whole line, provenance included
+    origins: tuple[Origin, Origin] = field(default=(Origin(), Origin()), compare=False)  # chosen, rejected
 
     def key(self) -> tuple:
         return ("pair", conversation_id(self.prompt), self.chosen, self.rejected)
@@ -61,6 +72,7 @@ class Thumb:
     label: bool
     created: int | None = field(default=None, compare=False)
     record_id: str = field(default="", compare=False)
+    origin: Origin = field(default=Origin(), compare=False)
 
     def key(self) -> tuple:
         return ("thumb", conversation_id(self.prompt), self.answer, self.label)
@@ -98,6 +110,16 @@ class _ThumbLine(BaseModel):
     created: int | None = None
 
 
+def _origin(data: dict, prefix: str = "") -> Origin:
+    """The provenance fields of one answer, where present and of the right type."""
+    def get(name: str, kind: type | tuple[type, ...]):
+        value = data.get(prefix + name)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    return Origin(get("adapter", str), get("finish_reason", str), get("temperature", (int, float)),
+                  get("top_p", (int, float)))
+
+
 class MalformedFeedback(ValueError):
     """A line of a feedback file is neither a pair nor a thumb record."""
 
@@ -119,11 +141,12 @@ def parse_record(data: object) -> Pair | Thumb:
     if "chosen" in data or "rejected" in data:
         pair = _PairLine.model_validate(data)
         prompt = [m.model_dump() for m in pair.prompt]
-        return Pair(prompt, pair.chosen[0].content, pair.rejected[0].content, pair.created, record_id)
+        origins = (_origin(data, "chosen_"), _origin(data, "rejected_"))
+        return Pair(prompt, pair.chosen[0].content, pair.rejected[0].content, pair.created, record_id, origins)
     if "completion" in data or "label" in data:
         thumb = _ThumbLine.model_validate(data)
         prompt = [m.model_dump() for m in thumb.prompt]
-        return Thumb(prompt, thumb.completion[0].content, thumb.label, thumb.created, record_id)
+        return Thumb(prompt, thumb.completion[0].content, thumb.label, thumb.created, record_id, _origin(data))
     raise ValueError("neither a pair (prompt, chosen, rejected) nor a thumb (prompt, completion, label)")
 
 

@@ -5,9 +5,19 @@ the conversation's id, so a prompt never lands on both.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from common.conversations import Messages, conversation_id, is_heldout
-from common.records import Pair, Thumb
+from common.records import Origin, Pair, Thumb
+
+
+class Served(NamedTuple):
+    """An answer the service served: a sample of the version that wrote it, with what its user said of it."""
+
+    prompt: Messages
+    text: str
+    ended: bool  # it stopped at EOS (else at the token limit)
+    vote: float  # +1 chosen in a comparison or thumbed up, -1 rejected or thumbed down
 
 
 @dataclass
@@ -25,6 +35,25 @@ class FeedbackData:
     @property
     def heldout_prompts(self) -> list[Messages]:
         return unique_prompts([*self.heldout_pairs, *self.heldout_thumbs])
+
+    def served(self, version: str, temperature: float, limit: int) -> list[Served]:
+        """The newest `limit` distinct training-side answers that `version` served at this temperature with no
+        nucleus cut (top_p 1): exact samples of that policy at the trainer's own sampling settings, each with its
+        newest vote."""
+
+        def matches(origin: Origin) -> bool:
+            return (origin.adapter == version and origin.temperature == temperature and origin.top_p in (None, 1.0)
+                    and origin.finish_reason in ("stop", "length"))
+
+        found: dict[tuple, Served] = {}
+        answers = [(p.created or 0, p.prompt, text, origin, vote) for p in self.pairs
+                   for text, origin, vote in zip((p.chosen, p.rejected), p.origins, (1.0, -1.0), strict=True)]
+        answers += [(t.created or 0, t.prompt, t.answer, t.origin, 1.0 if t.label else -1.0) for t in self.thumbs]
+        for _, prompt, text, origin, vote in sorted(answers, key=lambda a: a[0]):  # oldest vote first: newest wins
+            if matches(origin):
+                found.pop((conversation_id(prompt), text), None)
+                found[conversation_id(prompt), text] = Served(prompt, text, origin.finish_reason == "stop", vote)
+        return list(found.values())[-limit:] if limit else []
 
 
 def unique_prompts(items: list[Pair | Thumb]) -> list[Messages]:

@@ -35,7 +35,8 @@ def answer_policy(
         chunk = prompts[start : start + config.batch_size]
         with _policy(model, adapter):
             ids, batch = generate(
-                model, tokenizer, chunk, config.temperature, config.max_new_tokens, eos, config.precision
+                model, tokenizer, chunk, config.temperature, config.max_new_tokens, eos, config.precision,
+                config.max_prompt_tokens,
             )
             logits, _ = forward_answers(model, batch, config.temperature, precision=config.precision)
         with model.disable_adapter():

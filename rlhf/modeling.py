@@ -34,12 +34,15 @@ def peft_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
-def load_base(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model for training, dropout off (RLHF_NOTES: disable dropout everywhere), frozen."""
+def load_base(
+    path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model for training on `device`, in fp32 master weights (forward passes autocast to bf16, see
+    autocast), dropout off (every careful RLHF reproduction disables it: it would make logprobs random), frozen."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -53,6 +56,13 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int
     """Answer tokens ending in EOS, as the policy would have produced them (truncated: no EOS)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return ids[:max_tokens] if max_tokens else ids
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str, ended: bool, max_tokens: int) -> list[int]:
+    """An answer's tokens as the policy emitted them: ending in EOS if it stopped there, not if it was cut off at
+    the length limit (a reader of the answer can tell the two apart; so must the reward model)."""
+    ids = encode_answer(tokenizer, answer, max_tokens)
+    return ids if ended or len(ids) < 2 else ids[:-1] if ids[-1] == tokenizer.eos_token_id else ids
 
 
 @dataclass

@@ -109,14 +109,16 @@ def warmup_steps(config: OfflineConfig, rows: int) -> int:
     return int(config.warmup * steps_per_epoch * config.epochs)
 
 
-def trainer_args(config: OfflineConfig, rows: list[dict], output_dir: str, quiet: bool) -> DPOConfig | KTOConfig:
-    """TRL's arguments: CPU, no checkpoints, no integrations, a log entry every step."""
+def trainer_args(
+    config: OfflineConfig, rows: list[dict], output_dir: str, quiet: bool, cpu: bool = True
+) -> DPOConfig | KTOConfig:
+    """TRL's arguments: on the CPU unless told otherwise, no checkpoints, no integrations, a log entry every step."""
     common = dict(
         output_dir=output_dir, learning_rate=config.lr, num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         warmup_steps=warmup_steps(config, len(rows)), beta=config.beta,
         max_length=config.max_prompt_tokens + config.max_answer_tokens,
-        bf16=config.precision == "bf16", seed=config.seed, use_cpu=True, activation_checkpointing=False,
+        bf16=config.precision == "bf16", seed=config.seed, use_cpu=cpu, activation_checkpointing=False,
         logging_steps=1,
         save_strategy="no", report_to="none", push_to_hub=False, dataloader_pin_memory=False, disable_tqdm=quiet,
     )
@@ -156,7 +158,9 @@ def train_offline(
     trainer_cls = DPOTrainer if config.algorithm == "dpo" else KTOTrainer
     with tempfile.TemporaryDirectory(prefix="chatloop-offline-") as scratch:
         trainer = trainer_cls(
-            model=base_model, args=trainer_args(config, rows, scratch, quiet=progress is not None),
+            model=base_model, args=trainer_args(
+                config, rows, scratch, quiet=progress is not None, cpu=base_model.device.type == "cpu"
+            ),
             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
             peft_config=policy_peft_config(config, init_adapter_dir),
         )

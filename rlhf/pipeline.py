@@ -6,13 +6,12 @@
     evaluate_candidate(candidate)       -> metrics and the gate's accept/reject with reasons
 
 Each stage loads the base it needs itself, so a stage can run in a fresh process (a Celery worker
-child) with nothing but paths, and only once: the reward model joins the policy's PeftModel as an
-adapter of its own, so PPO and evaluation hold one copy of the base weights. Outputs are written
-under a temp name and renamed: a stage killed half way leaves nothing that looks finished.
+child) with nothing but paths, and only once: the reward model reads the frozen base, which the policy's
+PeftModel holds anyway (adapters disabled), so PPO and evaluation hold one copy of the base weights. Outputs
+are written under a temp name and renamed: a stage killed half way leaves nothing that looks finished.
 """
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -30,7 +29,6 @@ from rlhf.offline import train_offline
 from rlhf.ppo import PPOTrainer
 from rlhf.reward import META_FILE, RewardModel, train_reward_model
 
-log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 STATS_FILE = "ppo_stats.json"
 
@@ -43,21 +41,14 @@ def load_feedback(data_path: Path, heldout_fraction: float, max_records: int = 0
 
 def train_reward(
     data_path: Path, base_path: Path, out_dir: Path, config: PipelineConfig, progress: Progress | None = None,
-    init_reward: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
-    """Train a reward model on an exported feedback file, continuing from init_reward (the previous run's
-    reward model) when given and of the same LoRA shape; returns its metrics."""
+    """Train a reward model on an exported feedback file; returns its metrics. cache_dir keeps the base's
+    features of answers between runs (rlhf/features.py)."""
     data = load_feedback(data_path, config.heldout_fraction, config.train_window)
     report = (lambda step, total, m: progress("reward", step, total, m)) if progress else None
-    base, tokenizer = load_base(base_path)
-    try:
-        model, metrics = train_reward_model(base, tokenizer, data, config.reward, report, init_reward)
-    except ValueError as exc:
-        if init_reward is None:
-            raise
-        log.warning("training a fresh reward model: %s", exc)  # e.g. the LoRA rank setting changed
-        base, tokenizer = load_base(base_path)  # the failed attempt wrapped the first one
-        model, metrics = train_reward_model(base, tokenizer, data, config.reward, report)
+    base, tokenizer = load_base(base_path, config.device)
+    model, metrics = train_reward_model(base, tokenizer, data, config.reward, report, cache_dir)
     model.save(out_dir, {"metrics": metrics, "data": str(data_path), "base_path": str(base_path)})
     return metrics
 
@@ -67,27 +58,29 @@ def reward_data_path(reward_dir: Path) -> Path:
 
 
 def ppo_trainer(
-    reward_dir: Path, base_path: Path, config: PPOConfig, init_adapter: Path | None = None
+    reward_dir: Path, base_path: Path, config: PPOConfig, init_adapter: Path | None = None, device: str = "cpu"
 ) -> tuple[PPOTrainer, RewardModel]:
-    """A trainer whose reward model is one more adapter ("reward") of the policy's PeftModel: policy,
-    reference and reward model on one copy of the base weights."""
-    base, tokenizer = load_base(base_path)
+    """A trainer whose reward model reads the policy's own base (adapters disabled): policy, reference and
+    reward model on one copy of the base weights."""
+    base, tokenizer = load_base(base_path, device)
     trainer = PPOTrainer(base, tokenizer, None, config, init_adapter)
-    reward_model = RewardModel.load(reward_dir, trainer.policy)
-    trainer.reward_fn = reward_model.reward_fn(tokenizer)
+    reward_model = RewardModel.load(reward_dir)
+    trainer.reward_fn = reward_model.reward_fn(trainer.policy, tokenizer)
     return trainer, reward_model
 
 
 def train_policy(
     reward_dir: Path, base_path: Path, out_dir: Path, config: PipelineConfig, init_adapter: Path | None = None,
-    data_path: Path | None = None, progress: Progress | None = None,
+    data_path: Path | None = None, progress: Progress | None = None, init_version: str | None = None,
 ) -> list[dict]:
     """The new adapter, starting from init_adapter: PPO against the reward model on the prompts users sent,
     or DPO / KTO (TRL) on the training side of the feedback itself; the reward model then only judges
-    the candidate in evaluate_candidate, the same gate for every algorithm."""
-    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, config.train_window)
+    the candidate in evaluate_candidate, the same gate for every algorithm. init_version names the starting
+    policy in the feedback records: PPO takes the answers it served as its first batch."""
+    window = config.offline.window if config.algorithm in ("dpo", "kto") else config.train_window
+    data = load_feedback(data_path or reward_data_path(reward_dir), config.heldout_fraction, window)
     if config.algorithm in ("dpo", "kto"):
-        base, tokenizer = load_base(base_path)
+        base, tokenizer = load_base(base_path, config.device)
         offline = replace(config.offline, algorithm=config.algorithm)
         report = (lambda step, total, logs: progress(config.algorithm, step, total, logs)) if progress else None
         history = train_offline(base, tokenizer, data, offline, init_adapter, out_dir, report)
@@ -97,21 +90,22 @@ def train_policy(
         raise ValueError(f"unknown algorithm {config.algorithm!r}: ppo, dpo or kto")
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
-    trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter)
+    trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter, config.device)
     report = (lambda i, stats: progress("ppo", i, config.ppo.iterations, stats)) if progress else None
-    history = trainer.train(data.prompts, config.ppo.iterations, report)
+    served = data.served(init_version, config.ppo.temperature, config.ppo.served_batch) if init_version else []
+    history = trainer.train(data.prompts, config.ppo.iterations, report, served)
     trainer.save_adapter(out_dir)
     (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(config.ppo), "history": history}, default=str))
     return history
 
 
 def eval_models(
-    reward_dir: Path, base_path: Path, candidate_dir: Path, current_adapter: Path | None = None
+    reward_dir: Path, base_path: Path, candidate_dir: Path, current_adapter: Path | None = None, device: str = "cpu"
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, RewardModel]:
-    """Candidate, current and reward model as three adapters of one PeftModel on one copy of the base."""
-    base, tokenizer = load_base(base_path)
+    """Candidate and current as two adapters of one PeftModel; the reward model reads its base."""
+    base, tokenizer = load_base(base_path, device)
     model = load_policies(base, candidate_dir, current_adapter)
-    return model, tokenizer, RewardModel.load(reward_dir, model)
+    return model, tokenizer, RewardModel.load(reward_dir)
 
 
 def evaluate_candidate(
@@ -124,9 +118,9 @@ def evaluate_candidate(
     # prompts fill up to config.eval.prompts: a verdict on 7 answers is a coin toss, and the candidate's answers
     # are fresh samples either way.
     prompts = [*data.heldout_prompts, *data.prompts][: config.eval.prompts]
-    model, tokenizer, reward_model = eval_models(reward_dir, base_path, candidate_dir, current_adapter)
+    model, tokenizer, reward_model = eval_models(reward_dir, base_path, candidate_dir, current_adapter, config.device)
     started = time.monotonic()
-    metrics = compare_policies(model, tokenizer, reward_model.reward_fn(tokenizer), prompts, config.eval)
+    metrics = compare_policies(model, tokenizer, reward_model.reward_fn(model, tokenizer), prompts, config.eval)
     metrics["eval/seconds"] = time.monotonic() - started
     metrics["eval/heldout"] = min(len(data.heldout_prompts), len(prompts)) / len(prompts)  # held-out share
     accepted, reasons = gate(metrics, config.gate)

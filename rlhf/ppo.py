@@ -22,11 +22,13 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.conversations import Messages
+from common.conversations import Messages, conversation_id
 from common.models import eos_token_ids
 from rlhf.config import PPOConfig, Precision
+from rlhf.data import Served
 from rlhf.modeling import (
     TokenBatch,
+    answer_ids,
     autocast,
     build_batch,
     encode_prompt,
@@ -43,7 +45,7 @@ from rlhf.ppo_math import (
     gae,
     kl_k3,
     kl_k3_tokens,
-    leave_one_out,
+    leave_one_out_groups,
     masked_mean,
     masked_var,
     policy_loss,
@@ -66,6 +68,7 @@ class Rollouts:
     ref_logprobs: torch.Tensor  # (B, R) adapter disabled
     values: torch.Tensor  # (B, R); zeros without a critic
     entropy: torch.Tensor  # (B, R) of the policy's (tempered) next-token distribution
+    seconds: float = 0.0  # the time recompute() took
 
 
 class ValueHead(torch.nn.Module):
@@ -100,12 +103,13 @@ def forward_answers(
 @torch.no_grad()
 def generate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], temperature: float,
-    max_new_tokens: int, eos_ids: set[int], precision: Precision = "fp32",
+    max_new_tokens: int, eos_ids: set[int], precision: Precision = "fp32", max_prompt_tokens: int = 512,
 ) -> tuple[list[list[int]], TokenBatch]:
     """Sample one answer per prompt (pure temperature sampling: no top-k/top-p, so logits / T is the
-    distribution sampled from). Returns the answer ids (ending in EOS when produced) and their batch."""
+    distribution sampled from). A conversation longer than max_prompt_tokens keeps its end, as the reward model
+    reads it. Returns the answer ids (ending in EOS when produced) and their batch."""
     pad_id = tokenizer.pad_token_id
-    prompt_ids = [encode_prompt(tokenizer, messages) for messages in prompts]
+    prompt_ids = [encode_prompt(tokenizer, messages)[-max_prompt_tokens:] for messages in prompts]
     inputs = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt")
     device = next(model.parameters()).device
     with autocast(precision, device):
@@ -148,34 +152,72 @@ class PPOTrainer:
         self.rng = random.Random(config.seed)
 
     def train(
-        self, prompt_pool: list[Messages], iterations: int, progress: Callable[[int, dict], None] | None = None
+        self, prompt_pool: list[Messages], iterations: int, progress: Callable[[int, dict], None] | None = None,
+        served: list[Served] | None = None,
     ) -> list[dict[str, float]]:
-        """`iterations` PPO steps on prompts drawn from the pool; progress(iteration, stats) after each."""
+        """`iterations` PPO steps on prompts drawn from the pool; progress(iteration, stats) after each.
+
+        served: answers the starting policy served to users (exact samples of it at this temperature). They make
+        the first iteration's batch instead of fresh samples: free rollouts, often many more than one batch."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
             raise ValueError(f"batch_size {self.config.batch_size} is not a multiple of group_size {group}")
         for iteration in range(1, iterations + 1):
-            k = self.config.batch_size // group
-            prompts = self.rng.sample(prompt_pool, k) if len(prompt_pool) >= k else self.rng.choices(prompt_pool, k=k)
-            history.append(self.step([p for p in prompts for _ in range(group)]))
+            if iteration == 1 and served:
+                history.append(self.step_served(served))
+            else:
+                k = self.config.batch_size // group
+                pool = self.rng.sample(prompt_pool, k) if len(prompt_pool) >= k else self.rng.choices(prompt_pool, k=k)
+                history.append(self.step([p for p in pool for _ in range(group)]))
             if progress is not None:
                 progress(iteration, history[-1])
         return history
 
     def step(self, prompts: list[Messages]) -> dict[str, float]:
-        """One PPO iteration, one answer per entry of prompts (with group_size > 1: consecutive groups of that
-        many copies of one prompt); returns the iteration's stats."""
-        c = self.config
+        """One PPO iteration on fresh samples, one answer per entry of prompts (with group_size > 1: consecutive
+        groups of that many copies of one prompt); returns the iteration's stats."""
         start = time.perf_counter()
         answer_ids, batch = self.generate(prompts)
         generated = time.perf_counter()
-        rollouts = self.recompute(prompts, answer_ids, batch)
-        recomputed = time.perf_counter()
-        raw_scores, scores = self.score(rollouts)
+        group = self.config.group_size
+        groups = torch.arange(len(prompts), device=self.device) // group if group > 1 else None
+        stats = self.update(self.recompute(prompts, answer_ids, batch), groups, self.config.minibatch_size)
+        stats["time/generate_s"] = generated - start
+        stats["time/rollout_s"] += generated - start
+        return stats
+
+    def step_served(self, served: list[Served]) -> dict[str, float]:
+        """One PPO iteration on served answers, rewarded by their users' own votes (+1 or -1) rather than by the
+        reward model: a vote is the preference itself, a reward model only its estimate. Answers to one
+        conversation are each other's baseline; minibatches are as large as a fresh iteration's, so a batch of
+        served answers takes as many more optimiser steps as it holds more answers."""
+        prompts = [s.prompt for s in served]
+        answer_ids = [self.served_ids(s) for s in served]
+        batch = build_batch([encode_prompt(self.tokenizer, p)[-self.config.max_prompt_tokens :] for p in prompts],
+                            answer_ids,
+                            self.tokenizer.pad_token_id).to(self.device)
+        keys = {conversation_id(p): i for i, p in enumerate(prompts)}
+        groups = torch.tensor([keys[conversation_id(p)] for p in prompts], device=self.device)
+        votes = torch.tensor([s.vote for s in served], device=self.device)
+        stats = self.update(self.recompute(prompts, answer_ids, batch), groups, self.config.minibatch_size, votes)
+        return stats | {"time/generate_s": 0.0, "ppo/served": float(len(served))}
+
+    def served_ids(self, served: Served) -> list[int]:
+        """A served answer's tokens as the policy would have emitted them: EOS only if it stopped there."""
+        return answer_ids(self.tokenizer, served.text, served.ended, self.config.max_new_tokens)
+
+    def update(
+        self, rollouts: Rollouts, groups: torch.Tensor | None, minibatch_size: int, scores: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """Score the rollouts (unless their scores are given), baseline each score on its group's other answers
+        (groups: a group id per answer; None: no baseline, the critic's job), and train on them."""
+        c = self.config
+        start = time.perf_counter()
+        raw_scores, scores = self.score(rollouts) if scores is None else (scores, scores)
         scored = time.perf_counter()
         mask = rollouts.batch.response_mask
-        baselined = leave_one_out(scores, c.group_size)
+        baselined = scores if groups is None else leave_one_out_groups(scores, groups)
         reward_kl_coef = self.kl_ctl.value if c.kl_penalty == "reward" else 0.0
         rewards, kl = compute_rewards(baselined, rollouts.logprobs, rollouts.ref_logprobs, mask, reward_kl_coef)
         if c.whiten_rewards:
@@ -184,7 +226,7 @@ class PPOTrainer:
         advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam if c.critic else 1.0)
         advantages = whiten(advantages, mask)
         advantaged = time.perf_counter()
-        stats = self.train_minibatches(rollouts, advantages, returns)
+        stats = self.train_minibatches(rollouts, advantages, returns, minibatch_size)
         update_s = time.perf_counter() - advantaged
 
         mean_kl = kl.sum(-1).mean().item()
@@ -198,15 +240,15 @@ class PPOTrainer:
             "objective/entropy": (rollouts.entropy * mask).sum(-1).mean().item(),  # nats per answer
             "ppo/mean_length": lengths.mean().item(),
             "ppo/eos_fraction": rollouts.has_eos.float().mean().item(),
-            "time/rollout_s": advantaged - start,  # the three below + rewards and advantages
-            "time/generate_s": generated - start,
-            "time/forward_s": recomputed - generated,  # logprobs, values and reference logprobs of the answers
-            "time/score_s": scored - recomputed,  # the reward function
+            "ppo/batch": float(len(rollouts.prompts)),
+            "time/rollout_s": rollouts.seconds + advantaged - start,  # forward, scoring, rewards and advantages
+            "time/forward_s": rollouts.seconds,  # logprobs, values and reference logprobs of the answers
+            "time/score_s": scored - start,  # the reward function
             "time/update_s": update_s,
         }
         if c.critic:
             stats["ppo/val/explained_variance"] = explained_variance(rollouts.values, returns, mask)
-        self.kl_ctl.update(mean_kl, len(prompts))
+        self.kl_ctl.update(mean_kl, len(rollouts.prompts))
         return stats
 
     def sample(self, prompts: list[Messages]) -> Rollouts:
@@ -216,13 +258,15 @@ class PPOTrainer:
     def generate(self, prompts: list[Messages]) -> tuple[list[list[int]], TokenBatch]:
         c = self.config
         return generate(
-            self.policy, self.tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids, c.precision
+            self.policy, self.tokenizer, prompts, c.temperature, c.max_new_tokens, self.eos_ids, c.precision,
+            c.max_prompt_tokens,
         )
 
     @torch.no_grad()
     def recompute(self, prompts: list[Messages], answer_ids: list[list[int]], batch: TokenBatch) -> Rollouts:
         """Logprobs, values and reference logprobs of sampled answers, in the trainer's own precision."""
         c = self.config
+        start = time.perf_counter()
         logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
         with self.policy.disable_adapter():
             ref_logits, _ = forward_answers(self.policy, batch, c.temperature, precision=c.precision)
@@ -236,6 +280,7 @@ class PPOTrainer:
             ref_logprobs=token_logprobs(ref_logits, batch.responses),
             values=values if values is not None else torch.zeros_like(logits[..., 0]),
             entropy=entropy_from_logits(logits),
+            seconds=time.perf_counter() - start,
         )
 
     def score(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,13 +291,13 @@ class PPOTrainer:
         return raw, torch.where(rollouts.has_eos, raw, torch.full_like(raw, self.config.missing_eos_penalty))
 
     def train_minibatches(
-        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor
+        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor, minibatch_size: int
     ) -> dict[str, float]:
         """`epochs` passes over the rollout batch in shuffled minibatches; the mean of each loss term."""
         c = self.config
         totals = defaultdict(list)
         for _ in range(c.epochs):
-            for rows in torch.randperm(len(rollouts.prompts), device=self.device).split(c.minibatch_size):
+            for rows in torch.randperm(len(rollouts.prompts), device=self.device).split(minibatch_size):
                 batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
                 logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
                 logprobs = token_logprobs(logits, batch.responses)  # (b, R)

@@ -39,6 +39,18 @@ def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - others).view(-1)
 
 
+def leave_one_out_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """leave_one_out for groups of any size, given as a group id per answer (B,): each score minus the mean of the
+    other answers in its group; an answer alone in its group is baselined on the mean of every other answer."""
+    ids = torch.unique(groups, return_inverse=True)[1]  # (B,) in 0..G-1
+    sums = torch.zeros(int(ids.max()) + 1, dtype=scores.dtype, device=scores.device).index_add_(0, ids, scores)
+    counts = torch.bincount(ids).to(scores.dtype)  # (G,)
+    others = counts[ids] - 1  # (B,)
+    in_group = (sums[ids] - scores) / others.clamp(min=1)
+    everyone = (scores.sum() - scores) / max(scores.numel() - 1, 1)
+    return scores - torch.where(others > 0, in_group, everyone)
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Scale to unit variance over the masked entries; also centre on 0 unless shift_mean is False.
 

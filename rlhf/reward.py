@@ -1,9 +1,15 @@
 """Reward model: a scalar score for (prompt, answer), learned from comparisons and thumbs.
 
-The base LM gets its own LoRA and a linear head read at the last real token of prompt + answer.
-Pairs train it with the Bradley-Terry loss; unpaired thumbs with a pointwise logistic loss on the
-same scalar, so they count too. PPO consumes normalised scores, gain * raw + bias, with gain and
-bias set so the current policy's answers score mean 0, std 1 (lm-human-preferences; RLHF_NOTES).
+A linear head on the frozen base's pooled hidden states (rlhf/features.py). Pairs train it with the
+Bradley-Terry loss; unpaired thumbs with a pointwise logistic loss on the same scalar, so they count too.
+Features are standardised on the training answers; `ensemble` heads are fit, the first on every vote and
+each other on a bootstrap resample, and their scores average (less variance where the votes are few).
+PPO consumes normalised scores, gain * raw + bias, with gain and bias set so the serving policy's answers
+score mean 0, std 1 (OpenAI's lm-human-preferences sets its reward gain and bias the same way).
+
+The base being frozen is what makes this cheap and exact to share: the reward model needs no weights of its own
+in the LM, scores with every adapter of a policy's PeftModel disabled (the reference, which PPO holds anyway),
+and its features of an answer never change, so they are cached across runs.
 """
 
 import contextlib
@@ -20,30 +26,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.conversations import Messages, conversation_id
-from common.records import Pair, Thumb
+from common.conversations import Messages
+from common.models import eos_token_ids
+from common.records import Origin, Pair, Thumb
 from rlhf.config import RewardConfig
 from rlhf.data import FeedbackData
-from rlhf.modeling import (
-    TokenBatch,
-    build_batch,
-    encode_answer,
-    encode_prompt,
-    forward,
-    last_token_index,
-    peft_config,
-)
+from rlhf.features import FeatureCache, answer_key, compute_features, feature_signature
 from rlhf.ppo import RewardFn
 
-FORMAT = "chatloop-reward-model/1"
+FORMAT = "chatloop-reward-model/2"
 WEIGHTS_FILE = "reward_model.safetensors"
 META_FILE = "reward_model.json"
-HEAD_PREFIX = "head."
-ADAPTER = "reward"  # the reward model's adapter name, alone on its base or beside the policy's
 
 Progress = Callable[[int, int, dict], None]
 Tokenizer = PreTrainedTokenizerBase
@@ -59,75 +56,89 @@ def pointwise_loss(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(r, labels.to(r.dtype))
 
 
-class RewardModel(torch.nn.Module):
-    """Base LM + a LoRA adapter of its own + a scalar head.
+class RewardHead(torch.nn.Module):
+    """Standardisation and E linear heads; the raw score is their mean. Features (N, D) -> scores (N,)."""
 
-    Given a plain base, it wraps the base in place (peft injects LoRA layers) with its adapter as the
-    only one: the form to train it in (give it a base of its own, rlhf.modeling.load_base). Given a
-    PeftModel, the policy's, it joins it as one more adapter, frozen, and switches to it only while
-    scoring: policy, reference (all adapters disabled) and reward model then share one copy of the base.
-    """
-
-    def __init__(self, model: PreTrainedModel | PeftModel, config: RewardConfig, adapter_name: str = ADAPTER):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
-        self.config, self.adapter_name = config, adapter_name
-        self.shared = isinstance(model, PeftModel)
-        self.base_name = str(model.name_or_path)
-        hidden = model.config.hidden_size
-        # peft initialises lora_A from the global RNG: seed it here without disturbing the caller's.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            if self.shared:
-                model.add_adapter(adapter_name, peft_config(config.lora))
-                model.set_requires_grad(adapter_name, requires_grad=False)  # PPO must never train it
-                self.body = model
-            else:
-                self.body = get_peft_model(model, peft_config(config.lora), adapter_name=adapter_name)
-            self.head = torch.nn.Linear(hidden, 1)
-            # lm-human-preferences' init: unit-scale scores at the start, no offset.
-            torch.nn.init.normal_(self.head.weight, std=(hidden + 1) ** -0.5)
-            torch.nn.init.zeros_(self.head.bias)
-        self.head.to(model.device)
-        if self.shared:
-            self.head.requires_grad_(False)
-        self.gain, self.bias = 1.0, 0.0
+        self.register_buffer("mean", mean)  # (D,)
+        self.register_buffer("std", std)  # (D,)
+        self.register_buffer("weight", weight)  # (E, D)
+        self.register_buffer("bias", bias)  # (E,)
 
-    @contextlib.contextmanager
-    def _own_adapter(self):
-        """On a shared PeftModel: this adapter active inside, the model's active adapter and every
-        requires_grad flag as they were afterwards (peft's set_adapter makes what it activates trainable)."""
-        if not self.shared:
-            yield
-            return
-        if not self.body.has_active_enabled_adapter:
-            raise RuntimeError("the reward model cannot score inside disable_adapter(): its own adapter is off too")
-        previous = self.body.active_adapter
-        trainable = [p for p in self.body.parameters() if p.requires_grad]
-        self.body.set_adapter(self.adapter_name, inference_mode=True)
-        try:
-            yield
-        finally:
-            self.body.set_adapter(previous, inference_mode=True)
-            for p in trainable:
-                p.requires_grad_(True)
+    def members(self, features: torch.Tensor) -> torch.Tensor:
+        """Each head's score. (N, E)"""
+        return ((features.float() - self.mean) / self.std) @ self.weight.T + self.bias
 
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.members(features).mean(-1)
 
-    def forward(self, batch: TokenBatch) -> torch.Tensor:
-        """Raw scores. (B,)"""
-        with self._own_adapter():
-            # logits unused: keep one column
-            out = forward(self.body, batch, hidden=True, logits_to_keep=1, precision=self.config.precision)
-        hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(batch)]  # (B, H)
-        return self.head(last.float()).squeeze(-1)  # (B,)
 
-    @torch.no_grad()
-    def score(self, batch: TokenBatch) -> torch.Tensor:
-        """Normalised scores for PPO. (B,)"""
-        return self.gain * self(batch) + self.bias
+def fit_linear(
+    z: torch.Tensor, pairs: torch.Tensor, thumbs: torch.Tensor, labels: torch.Tensor, config: RewardConfig,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, b) minimising the mean Bradley-Terry loss of pairs (P, 2: chosen, rejected rows of z), plus
+    thumb_weight times the logistic loss of thumbs (rows of z, with labels), plus l2 * |w|^2. `weights` count
+    each pair then each thumb that many times (a bootstrap resample). L-BFGS: the problem is convex."""
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    z = z.double()
+    n = len(pairs) + len(thumbs)
+    weights = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
+    pair_w, thumb_w = weights[: len(pairs)], weights[len(pairs) :]
+    optimizer = torch.optim.LBFGS([w, b], max_iter=config.max_steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        r = z @ w + b
+        loss = w.new_zeros(())
+        if len(pairs):
+            loss = loss + (pair_w * -F.logsigmoid(r[pairs[:, 0]] - r[pairs[:, 1]])).sum()
+        if len(thumbs):
+            bce = F.binary_cross_entropy_with_logits(r[thumbs], labels.double(), reduction="none")
+            loss = loss + config.thumb_weight * (thumb_w * bce).sum()
+        loss = loss / weights.sum() + config.l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+def fit_head(
+    features: torch.Tensor, pairs: torch.Tensor, thumbs: torch.Tensor, labels: torch.Tensor, config: RewardConfig
+) -> RewardHead:
+    """An ensemble head on these features (rows), pairs (P, 2) and thumbs (T,) with labels (T,)."""
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
+    z = (features - mean) / std
+    n = len(pairs) + len(thumbs)
+    generator = torch.Generator().manual_seed(config.seed)
+    ws, bs = [], []
+    for member in range(config.ensemble):
+        # Poisson(1) counts: the bootstrap's resample without a fixed size; the first head sees every vote once.
+        counts = None if member == 0 else torch.poisson(torch.ones(n), generator=generator)
+        w, b = fit_linear(z, pairs, thumbs, labels, config, counts)
+        ws.append(w)
+        bs.append(b)
+    return RewardHead(mean, std, torch.stack(ws), torch.stack(bs))
+
+
+class RewardModel:
+    """A fitted head, its calibration, and how to get features for it from a model."""
+
+    def __init__(self, head: RewardHead, config: RewardConfig, base_name: str, gain: float = 1.0,
+                 bias: float = 0.0) -> None:
+        self.head, self.config, self.base_name = head, config, base_name
+        self.gain, self.bias = gain, bias
+
+    def raw(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw scores of feature rows. (N,)"""
+        return self.head(features)
+
+    def normalised(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores for PPO: mean 0, std 1 on the serving policy's answers. (N,)"""
+        return self.gain * self.raw(features) + self.bias
 
     def calibrate(self, raw: torch.Tensor) -> None:
         """Set gain and bias so these raw scores (answers of the current policy) get mean 0, std 1."""
@@ -137,58 +148,38 @@ class RewardModel(torch.nn.Module):
         self.gain = 1.0 / raw.std().item()
         self.bias = -self.gain * raw.mean().item()
 
-    def encode(
-        self, tokenizer: Tokenizer, prompts: list[Messages], answers: list[str]
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Token ids of each row's prompt and answer, truncated per config; a repeated prompt is templated once."""
-        cache: dict[str, list[int]] = {}
-        prompt_ids = []
-        for prompt in prompts:
-            key = conversation_id(prompt)
-            if key not in cache:
-                cache[key] = encode_prompt(tokenizer, prompt)[-self.config.max_prompt_tokens :]
-            prompt_ids.append(cache[key])
-        answer_ids = [encode_answer(tokenizer, a, self.config.max_answer_tokens) for a in answers]
-        return prompt_ids, answer_ids
+    def features(self, model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[Messages],
+                 answers: list[str], ended: list[bool] | None = None) -> torch.Tensor:
+        """The base's features of these answers: with every adapter of a PeftModel disabled. (N, D)"""
+        context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        with context:
+            return compute_features(model, tokenizer, prompts, answers, self.config, ended=ended)
 
-    @torch.no_grad()
-    def raw_scores_ids(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int) -> torch.Tensor:
-        """Raw scores of token-id rows, in batches of config.score_batch_size. (N,)"""
-        size = self.config.score_batch_size
-        chunks = [
-            self(build_batch(prompt_ids[i : i + size], answer_ids[i : i + size], pad_id).to(self.device)).cpu()
-            for i in range(0, len(prompt_ids), size)
-        ]
-        return torch.cat(chunks) if chunks else torch.zeros(0)
+    def reward_fn(self, model: torch.nn.Module, tokenizer: Tokenizer) -> RewardFn:
+        """Normalised scores as a PPO/evaluation reward function (rlhf.ppo.RewardFn), the features coming from
+        `model`'s base (a policy's PeftModel shares its weights)."""
+        eos = eos_token_ids(model, tokenizer)
 
-    def raw_scores(self, tokenizer: Tokenizer, prompts: list[Messages], answers: list[str]) -> torch.Tensor:
-        """Raw scores of answers to chat prompts. (N,) on the CPU"""
-        return self.raw_scores_ids(*self.encode(tokenizer, prompts, answers), tokenizer.pad_token_id)
+        def reward_fn(prompts: list[Messages], texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
+            ended = [bool(ids) and ids[-1] in eos for ids in answer_ids]
+            return self.normalised(self.features(model, tokenizer, prompts, texts, ended))
 
-    def score_texts(self, tokenizer: Tokenizer, prompts: list[Messages], answers: list[str]) -> torch.Tensor:
-        """Normalised scores of answers to chat prompts, for PPO. (N,) on the CPU"""
-        return self.gain * self.raw_scores(tokenizer, prompts, answers) + self.bias
-
-    @property
-    def calibration(self) -> dict:
-        return {"gain": self.gain, "bias": self.bias}
+        return reward_fn
 
     def save(self, directory: Path, metadata: dict | None = None) -> Path:
-        """Write weights (safetensors) and a JSON description under a temp name, then rename:
-        a reader sees the whole directory or none of it. Versions are never overwritten."""
+        """Write the head (safetensors) and a JSON description under a temp name, then rename: a reader sees the
+        whole directory or none of it. Versions are never overwritten."""
         directory = Path(directory)
         if directory.exists():
             raise FileExistsError(f"{directory} already exists; a reward model version is never overwritten")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            lora = get_peft_model_state_dict(self.body, adapter_name=self.adapter_name)  # keys without the name
-            tensors = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
-            tensors |= {HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, tmp / WEIGHTS_FILE)
             meta = {
                 "format": FORMAT, "created_at": datetime.now(UTC).isoformat(), "base_model": self.base_name,
-                "config": asdict(self.config), "calibration": self.calibration, "metadata": metadata or {},
+                "config": asdict(self.config), "calibration": {"gain": self.gain, "bias": self.bias},
+                "metadata": metadata or {},
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             os.rename(tmp, directory)
@@ -198,169 +189,130 @@ class RewardModel(torch.nn.Module):
         return directory
 
     @classmethod
-    def load(
-        cls, directory: Path, model: PreTrainedModel | PeftModel, adapter_name: str = ADAPTER
-    ) -> "RewardModel":
-        """A saved reward model on a plain base (taken over) or joining a PeftModel as adapter_name (see the class)."""
-        reward_model = cls(model, RewardConfig.from_dict(read_meta(directory)["config"]), adapter_name)
-        reward_model.load_weights(directory)
-        return reward_model
-
-    def load_weights(self, directory: Path) -> None:
-        """LoRA, head and calibration from a saved reward model of the same LoRA shape (ValueError otherwise)."""
-        directory = Path(directory)
+    def load(cls, directory: Path) -> "RewardModel":
         meta = read_meta(directory)
-        tensors = load_file(directory / WEIGHTS_FILE, device=str(self.device))
-        head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
-        lora = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
-        try:
-            self.head.load_state_dict(head)
-            result = set_peft_model_state_dict(self.body, lora, adapter_name=self.adapter_name)
-        except RuntimeError as exc:  # a tensor of another shape (another rank or base)
-            raise ValueError(f"{directory}: weights do not fit this reward model ({exc})") from exc
-        # Other adapters of a shared model are missing from this file by design: only this one's keys count.
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{self.adapter_name}." in k]
-        if result.unexpected_keys or missing:
-            raise ValueError(f"{directory}: LoRA weights do not fit this base ({missing or result.unexpected_keys})")
-        self.gain, self.bias = meta["calibration"]["gain"], meta["calibration"]["bias"]
-
-    def reward_fn(self, tokenizer: Tokenizer) -> RewardFn:
-        """Normalised scores as a PPO/evaluation reward function (rlhf.ppo.RewardFn)."""
-
-        def reward_fn(prompts: list[Messages], texts: list[str], answer_ids: list[list[int]]) -> torch.Tensor:
-            return self.score_texts(tokenizer, prompts, texts)
-
-        return reward_fn
+        tensors = load_file(Path(directory) / WEIGHTS_FILE)
+        head = RewardHead(tensors["mean"], tensors["std"], tensors["weight"], tensors["bias"])
+        calibration = meta["calibration"]
+        return cls(head, RewardConfig.from_dict(meta["config"]), meta["base_model"], calibration["gain"],
+                   calibration["bias"])
 
 
 def read_meta(directory: Path) -> dict:
     meta = json.loads((Path(directory) / META_FILE).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory}: not a reward model ({meta.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(f"{directory}: not a reward model of this version ({meta.get('format')!r}, expected "
+                         f"{FORMAT!r})")
     return meta
 
 
-def _accuracy(wins: torch.Tensor) -> float:
+def accuracy(margins: torch.Tensor) -> float:
     """Fraction of positive margins, ties counting half (a constant scorer gets 0.5, not 0)."""
-    return ((wins > 0).float() + 0.5 * (wins == 0).float()).mean().item()
+    return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()
+
+
+def accuracy_interval(margins: torch.Tensor, bootstrap: int, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of accuracy(margins)."""
+    if margins.numel() == 0:
+        return 0.0, 1.0
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(len(margins), (bootstrap, len(margins)), generator=generator)
+    right = (margins > 0).float() + 0.5 * (margins == 0).float()
+    draws = right[rows].mean(-1).sort().values
+    return draws[int(0.025 * (bootstrap - 1))].item(), draws[int(0.975 * (bootstrap - 1))].item()
+
+
+def _ended(origin: Origin) -> bool:
+    """Whether a served answer stopped at EOS; an answer of unknown origin (imported) is taken as finished."""
+    return origin.finish_reason != "length"
+
+
+class VoteSet:
+    """Votes as rows of one feature matrix: every distinct answer once, pairs and thumbs as row indexes."""
+
+    def __init__(self, pairs: list[Pair], thumbs: list[Thumb]) -> None:
+        self.rows: dict[str, int] = {}
+        self.prompts: list[Messages] = []
+        self.answers: list[str] = []
+        self.ended: list[bool] = []
+        rows = [(self._row(p.prompt, p.chosen, _ended(p.origins[0])), self._row(p.prompt, p.rejected,
+                                                                              _ended(p.origins[1]))) for p in pairs]
+        self.pairs = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)  # (P, 2)
+        self.thumbs = torch.tensor([self._row(t.prompt, t.answer, _ended(t.origin)) for t in thumbs],
+                                   dtype=torch.long)  # (T,)
+        self.labels = torch.tensor([float(t.label) for t in thumbs])  # (T,)
+
+    def _row(self, prompt: Messages, answer: str, ended: bool) -> int:
+        key = answer_key(prompt, answer, ended)
+        if key not in self.rows:
+            self.rows[key] = len(self.answers)
+            self.prompts.append(prompt)
+            self.answers.append(answer)
+            self.ended.append(ended)
+        return self.rows[key]
 
 
 def _token_counts(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
+    if not texts:
+        return torch.zeros(0)
     return torch.tensor([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])  # (N,)
 
 
-def evaluate_reward_model(model: RewardModel, tokenizer: Tokenizer, pairs: list[Pair], thumbs: list[Thumb]) -> dict:
-    """Held-out pairwise accuracy and loss beside the "longer answer wins" baseline; thumbs accuracy."""
-    metrics: dict = {"reward/heldout_pairs": len(pairs), "reward/heldout_thumbs": len(thumbs)}
-    if pairs:
-        prompts, chosen, rejected = [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
-        r_chosen = model.raw_scores(tokenizer, prompts, chosen)  # (N,)
-        r_rejected = model.raw_scores(tokenizer, prompts, rejected)  # (N,)
-        metrics["reward/heldout_loss"] = bradley_terry_loss(r_chosen, r_rejected).item()
-        metrics["reward/heldout_accuracy"] = _accuracy(r_chosen - r_rejected)
-        # A reward model that does not beat this baseline has learned length (RLHF_NOTES).
-        longer = _token_counts(tokenizer, chosen) - _token_counts(tokenizer, rejected)  # (N,)
-        metrics["reward/baseline_longer_wins_accuracy"] = _accuracy(longer)
-    if thumbs:
-        r = model.raw_scores(tokenizer, [t.prompt for t in thumbs], [t.answer for t in thumbs])  # (N,)
-        labels = torch.tensor([t.label for t in thumbs], dtype=torch.float32)  # (N,)
-        metrics["reward/heldout_thumbs_loss"] = pointwise_loss(r, labels).item()
-        # Threshold 0 = P(up) 1/2 under the pointwise loss; meaningless if no thumbs were trained on
-        # (Bradley-Terry leaves the offset free).
-        metrics["reward/heldout_thumbs_accuracy"] = ((r > 0).float() == labels).float().mean().item()
+def evaluate_votes(scores: torch.Tensor, votes: VoteSet, tokenizer: Tokenizer, config: RewardConfig) -> dict:
+    """Held-out accuracy on the pairs (with its 95 % interval) beside the "longer answer wins" baseline (a reward
+    model that does not beat it has learned length); thumbs accuracy at the P(up) = 1/2 threshold."""
+    metrics: dict = {"reward/heldout_pairs": len(votes.pairs), "reward/heldout_thumbs": len(votes.thumbs)}
+    if len(votes.pairs):
+        chosen, rejected = scores[votes.pairs[:, 0]], scores[votes.pairs[:, 1]]
+        low, high = accuracy_interval(chosen - rejected, config.bootstrap, config.seed)
+        lengths = _token_counts(tokenizer, votes.answers)
+        metrics |= {
+            "reward/heldout_loss": bradley_terry_loss(chosen, rejected).item(),
+            "reward/heldout_accuracy": accuracy(chosen - rejected),
+            "reward/heldout_accuracy_low": low,
+            "reward/heldout_accuracy_high": high,
+            "reward/baseline_longer_wins_accuracy": accuracy(lengths[votes.pairs[:, 0]] - lengths[votes.pairs[:, 1]]),
+        }
+    if len(votes.thumbs):
+        r = scores[votes.thumbs]
+        metrics["reward/heldout_thumbs_loss"] = pointwise_loss(r, votes.labels).item()
+        metrics["reward/heldout_thumbs_accuracy"] = ((r > 0).float() == votes.labels).float().mean().item()
     return metrics
 
 
-def _minibatch_loss(
-    model: RewardModel, items: list[tuple[list[int], list[list[int]], float | None]], pad_id: int, thumb_weight: float
-) -> torch.Tensor:
-    """Mean loss per feedback item: Bradley-Terry for pairs, thumb_weight * logistic loss for thumbs.
-
-    items: (prompt ids, [chosen, rejected] or [answer] ids, None for a pair or the thumb's label).
-    """
-    pairs = [x for x in items if x[2] is None]
-    thumbs = [x for x in items if x[2] is not None]
-    # Rows: chosen, rejected of each pair in turn, then one row per thumb: one forward pass for all.
-    rows = [(prompt, answer) for prompt, answers, _ in pairs + thumbs for answer in answers]
-    batch = build_batch([p for p, _ in rows], [a for _, a in rows], pad_id).to(model.device)
-    r = model(batch)  # (2 * n_pairs + n_thumbs,)
-    total = r.new_zeros(())
-    if pairs:
-        total = total + len(pairs) * bradley_terry_loss(r[0 : 2 * len(pairs) : 2], r[1 : 2 * len(pairs) : 2])
-    if thumbs:
-        labels = torch.tensor([label for _, _, label in thumbs], device=r.device)  # (n_thumbs,)
-        total = total + thumb_weight * len(thumbs) * pointwise_loss(r[2 * len(pairs) :], labels)
-    return total / len(items)
-
-
 def train_reward_model(
-    base_model: PreTrainedModel,
-    tokenizer: Tokenizer,
-    data: FeedbackData,
-    config: RewardConfig,
-    progress: Progress | None = None,
-    init: Path | None = None,
+    base_model: PreTrainedModel, tokenizer: Tokenizer, data: FeedbackData, config: RewardConfig,
+    progress: Progress | None = None, cache_dir: Path | None = None,
 ) -> tuple[RewardModel, dict]:
-    """Train a reward model on data's training side, calibrate it on the training answers, and
-    evaluate it on the held-out side. progress(step, total, metrics) is called after every step.
-
-    init: a saved reward model to continue from (its LoRA and head), so that what earlier feedback
-    taught is kept while this data is learnt; ValueError if its LoRA shape differs from config's."""
+    """Fit a reward model on data's training side, calibrate it on the training answers (the serving policy's),
+    and evaluate it on the held-out side. Features come from (and go to) the cache in cache_dir, if given;
+    progress(done, total, metrics) reports the feature extraction, the slow part."""
     if not data.pairs and not data.thumbs:
         raise ValueError("no training feedback: need at least one comparison or thumb")
     started = time.monotonic()
-    model = RewardModel(base_model, config)
-    if init is not None:
-        model.load_weights(init)
-    pad_id = tokenizer.pad_token_id
-
-    # Tokenise once, one row per answer: chosen and rejected of each pair in turn, then the thumbs.
-    # item = (prompt ids, answer ids, label), label None marking a comparison.
-    prompts = [p.prompt for p in data.pairs for _ in range(2)] + [t.prompt for t in data.thumbs]
-    answers = [a for p in data.pairs for a in (p.chosen, p.rejected)] + [t.answer for t in data.thumbs]
-    prompt_ids, answer_ids = model.encode(tokenizer, prompts, answers)
-    n_pairs = len(data.pairs)
-    items = [(prompt_ids[2 * i], answer_ids[2 * i : 2 * i + 2], None) for i in range(n_pairs)]
-    items += [(prompt_ids[row], [answer_ids[row]], float(t.label)) for row, t in enumerate(data.thumbs, 2 * n_pairs)]
-
-    params = [p for p in model.parameters() if p.requires_grad]  # the LoRA and the head only
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    steps_per_epoch = -(-len(items) // config.batch_size)
-    total = config.epochs * steps_per_epoch
-    # Linear decay to zero, as lm-human-preferences' reward training does.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total)
-    rng = random.Random(config.seed)
-    step, epoch_losses = 0, []
-    for _ in range(config.epochs):
-        order = rng.sample(range(len(items)), len(items))
-        epoch_losses = []
-        for start in range(0, len(order), config.batch_size):
-            loss = _minibatch_loss(
-                model, [items[i] for i in order[start : start + config.batch_size]], pad_id, config.thumb_weight
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            epoch_losses.append(loss.item())
-            if progress:
-                progress(step, total, {"reward/train_loss": epoch_losses[-1]})
-
-    # The training answers came from the serving policy: calibrate on them (distinct ones only).
-    unique = {(conversation_id(p), a): (p, a) for p, a in zip(prompts, answers, strict=True)}
-    raw = model.raw_scores(tokenizer, [p for p, _ in unique.values()], [a for _, a in unique.values()])
+    train, heldout = VoteSet(data.pairs, data.thumbs), VoteSet(data.heldout_pairs, data.heldout_thumbs)
+    cache = FeatureCache(cache_dir, feature_signature(config, str(base_model.name_or_path)))
+    report = (lambda done, total: progress(done, total, {})) if progress else None
+    prompts, answers = train.prompts + heldout.prompts, train.answers + heldout.answers
+    ended = train.ended + heldout.ended
+    features = cache.features(base_model, tokenizer, prompts, answers, config, report, ended)  # (N, D)
+    cache.keep({answer_key(p, a, e) for p, a, e in zip(prompts, answers, ended, strict=True)})
+    featured = time.monotonic()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    train_features, heldout_features = features[: len(train.answers)], features[len(train.answers) :]
+    head = fit_head(train_features, train.pairs, train.thumbs, train.labels, config)
+    model = RewardModel(head, config, str(base_model.name_or_path))
+    raw = model.raw(train_features)
     model.calibrate(raw)
     metrics = {
-        "reward/train_loss": sum(epoch_losses) / len(epoch_losses),  # mean over the last epoch
-        "reward/train_pairs": n_pairs,
-        "reward/train_thumbs": len(data.thumbs),
-        "reward/steps": step,
-        "reward/warm_start": float(init is not None),
-        "reward/calibration_raw_mean": raw.mean().item(),
-        "reward/calibration_raw_std": raw.std().item(),
-        **evaluate_reward_model(model, tokenizer, data.heldout_pairs, data.heldout_thumbs),
+        "reward/train_pairs": len(train.pairs), "reward/train_thumbs": len(train.thumbs),
+        "reward/train_accuracy": accuracy(raw[train.pairs[:, 0]] - raw[train.pairs[:, 1]]) if len(train.pairs)
+        else float("nan"),
+        "reward/answers": len(answers), "reward/cached_answers": len(answers) - cache.computed,
+        "reward/calibration_raw_mean": raw.mean().item(), "reward/calibration_raw_std": raw.std().item(),
+        **evaluate_votes(model.raw(heldout_features), heldout, tokenizer, config),
+        "reward/feature_seconds": featured - started,
+        "reward/train_seconds": time.monotonic() - started,
     }
-    metrics["reward/train_seconds"] = time.monotonic() - started
     return model, metrics

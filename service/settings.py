@@ -19,6 +19,7 @@ from rlhf.config import (
     PPOConfig,
     Precision,
     RewardConfig,
+    RewardPooling,
 )
 
 
@@ -50,7 +51,12 @@ class Settings(BaseSettings):
         6390, ge=1, le=65535, description="Port of the Redis `chatloop up` starts when no Redis URL is set."
     )
     completion_ttl_s: int = Field(
-        7 * 24 * 3600, ge=60, description="How long answers nobody rated are kept; rated ones are kept for good."
+        7 * 24 * 3600, ge=60, description="How long answers nobody rated are kept; a rated one is kept while a "
+        "vote on it is in the feedback stream.",
+    )
+    feedback_max_events: int = Field(
+        100_000, ge=1, description="Newest feedback events kept in the stream; an older one is deleted with the vote "
+        "and rated answers only it held. Keep it well above train_window.",
     )
     max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment.")
 
@@ -60,7 +66,20 @@ class Settings(BaseSettings):
     )
     chat_requests_per_minute: int = Field(60, ge=0, description="Per key (or client address); 0 = unlimited.")
     feedback_requests_per_minute: int = Field(120, ge=0, description="Per key (or client address); 0 = unlimited.")
+    allowed_hosts: str = Field(
+        "", description="Comma-separated Host names the API answers to ('*': any). Unset: a request that reached a "
+        "loopback address must name localhost, 127.0.0.1 or [::1]; others may name any host.",
+    )
+    widget_origins: str = Field(
+        "", description="Comma-separated origins (scheme://host[:port]) of pages that embed the feedback widget "
+        "(/widget.js): they may call /v1/feedback and /v1/comparisons from the browser (CORS), with a user-role key "
+        "only (an admin key sent from one is a 403). Unset: no cross-origin page may.",
+    )
     max_loaded_adapters: int = Field(4, ge=1, description="Adapter weight sets kept in memory at once.")
+    adapter_resync_s: float = Field(
+        10, gt=0, description="How often a replica re-reads the production pointer (and checks its pub/sub "
+        "connection) besides the promotion messages: the longest a replica can miss a promotion.",
+    )
 
     # Generation limits
     max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one step.")
@@ -68,13 +87,48 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="Answer length when a request names none.")
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
+    max_stop_chars: int = Field(256, ge=1, description="Longest stop string, in characters.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
+
+    # Generation engine: sharing it out
+    prefill_chunk_tokens: int = Field(
+        256, ge=16, description="Prompt tokens prefilled between two decode steps; a longer prompt joins the "
+        "batch in chunks, so running streams wait one chunk at most.",
+    )
+    prefix_cache_mb: int = Field(
+        256, ge=0, description="Memory for the keys and values of recent prompts and answers (per adapter "
+        "version), reused when a prompt starts the same way, as every chat turn does; 0 turns it off.",
+    )
+    max_sequences_per_caller: int = Field(
+        16, ge=0, description="Sequences (each of n counts) one caller (API key, or address when anonymous) may "
+        "have generating at once; more wait while others go ahead. 0 = no cap.",
+    )
+    max_queued_sequences: int = Field(
+        256, ge=1, description="Sequences waiting for a batch slot, all callers together; past that a request "
+        "gets 429 with Retry-After.",
+    )
+    max_queued_per_caller: int = Field(
+        64, ge=1, description="Sequences one caller may have waiting; past that its requests get 429.",
+    )
 
     # The online loop (workers)
     retrain_every_s: int = Field(60, ge=1, description="How often beat checks whether to retrain.")
     min_new_feedback: int = Field(120, ge=1, description="New feedback events that trigger a training run.")
     pipeline_lock_ttl_s: int = Field(
         900, ge=5, description="The training lock lapses this long after its holder's last sign of life."
+    )
+    keep_runs: int = Field(100, ge=1, description="Newest training run records kept; older ones are deleted.")
+    keep_candidates: int = Field(
+        2, ge=1, description="Newest never-promoted adapter versions kept; older ones are deleted (production, every "
+        "version in the promotion history and the candidate under test are always kept).",
+    )
+    stage_max_attempts: int = Field(
+        3, ge=1, description="Deliveries of one training stage before its run is given up (a stage whose worker "
+        "dies is redelivered).",
+    )
+    retrain_max_backoff_s: int = Field(
+        3600, ge=1, description="After failed runs, beat waits retrain_every_s doubled per consecutive failure, up "
+        "to this, before it starts another.",
     )
     task_soft_time_limit_s: int = Field(3600, ge=10, description="A training stage is asked to stop after this.")
     task_time_limit_s: int = Field(3900, ge=10, description="A training stage is killed after this.")
@@ -94,17 +148,23 @@ class Settings(BaseSettings):
         "one core to the API).",
     )
     train_window: int = Field(
-        PipelineConfig.train_window, ge=0, description="Newest feedback records a run trains on (0: all): keeps a "
-        "run's cost flat as feedback piles up, and its data close to the current policy.",
+        PipelineConfig.train_window, ge=0, description="Newest feedback records a run trains on (0: all): the reward "
+        "model on all of them, PPO's prompts from them.",
     )
-    reward_epochs: int = Field(RewardConfig.epochs, ge=1, description="Reward model epochs per training run.")
-    reward_lr: float = Field(RewardConfig.lr, gt=0, description="Reward model learning rate (its LoRA and head).")
-    reward_warm_start: bool = Field(
-        RewardConfig.warm_start, description="Start each run's reward model from the previous run's, so that it "
-        "keeps what earlier feedback taught (each run trains on the newest train_window records only).",
+    train_max_records_per_voter: int = Field(
+        2000, ge=1, description="Most records of one voter in a training window (their newest): no single caller "
+        "can make up the window.",
     )
-    reward_batch_size: int = Field(
-        RewardConfig.batch_size, ge=1, description="Feedback items (a pair or a thumb) per reward model step."
+    reward_layers: tuple[float, ...] = Field(
+        RewardConfig.layers, description="Hidden states of the frozen base the reward model reads, as fractions of "
+        "its depth (JSON list; 0 is the embeddings, 1 the last layer).",
+    )
+    reward_pooling: RewardPooling = Field(
+        RewardConfig.pooling, description="How the reward model pools each layer over the answer's tokens."
+    )
+    reward_l2: float = Field(RewardConfig.l2, ge=0, description="Weight decay of the reward model's head.")
+    reward_ensemble: int = Field(
+        RewardConfig.ensemble, ge=1, description="Reward heads fit on bootstrap resamples of the votes, averaged."
     )
     ppo_iterations: int = Field(PPOConfig.iterations, ge=1, description="PPO iterations per training run.")
     ppo_batch_size: int = Field(PPOConfig.batch_size, ge=1, description="Prompts (answers) per PPO iteration.")
@@ -132,8 +192,15 @@ class Settings(BaseSettings):
         PPOConfig.missing_eos_penalty, description="Score of an answer cut off at the length limit (unset: the "
         "reward model's own).",
     )
+    ppo_served_batch: int = Field(
+        PPOConfig.served_batch, ge=0, description="Answers production served at the PPO temperature that make the "
+        "first PPO iteration's batch, rewarded by their users' votes (0: fresh samples only).",
+    )
     offline_lr: float = Field(OfflineConfig.lr, gt=0, description="Policy learning rate of DPO/KTO.")
-    offline_epochs: int = Field(OfflineConfig.epochs, ge=1, description="DPO/KTO epochs over the training window.")
+    offline_epochs: int = Field(OfflineConfig.epochs, ge=1, description="DPO/KTO epochs over their window.")
+    offline_window: int = Field(
+        OfflineConfig.window, ge=1, description="Newest feedback records of the training window DPO/KTO train on."
+    )
     offline_beta: float = Field(
         OfflineConfig.beta, gt=0, description="DPO/KTO beta: how far from the base the policy may move."
     )
@@ -155,10 +222,21 @@ class Settings(BaseSettings):
     gate_min_win_rate: float = Field(
         GateConfig.min_win_rate, ge=0, le=1, description="Reward-model win rate the candidate needs."
     )
-    gate_arena_votes: int = Field(
-        0, ge=0, description="Live arena votes against production a candidate needs before promotion (0: none)."
+    ab_share: float = Field(
+        1.0, ge=0, le=1, description="Share of comparison requests (n = 2, model chatloop) that a running A/B test "
+        "answers with one answer from production and one from the candidate, blind: users who compare answers anyway "
+        "decide between the two policies. 0: no A/B test, the offline checks alone promote.",
     )
-    gate_arena_min_win_rate: float = Field(0.5, ge=0, le=1, description="Arena win rate a candidate needs.")
+    ab_deadline_s: int = Field(
+        1200, ge=10, description="An A/B test without a verdict by then is decided: rejected, or by the offline "
+        "checks alone when it got fewer than ab_min_votes votes (a quiet deployment).",
+    )
+    ab_min_votes: int = Field(
+        40, ge=1, description="Votes an A/B test needs before its interval can decide."
+    )
+    ab_max_votes_per_voter: int = Field(
+        50, ge=1, description="Most votes one voter counts for in one A/B test."
+    )
 
     # LoRA shape for new adapters (training)
     lora_r: int = Field(LoraSettings.r, ge=1)

@@ -27,10 +27,11 @@ def tiny_server_env(model_dir: Path, data_dir: Path, redis_url: str) -> dict[str
 
 # Training small enough for the tiny model to finish a whole run in seconds, and a gate that passes anything.
 TRAINING = {
-    "CHATLOOP_REWARD_EPOCHS": "1", "CHATLOOP_PPO_ITERATIONS": "1", "CHATLOOP_PPO_BATCH_SIZE": "4",
+    "CHATLOOP_REWARD_ENSEMBLE": "1", "CHATLOOP_PPO_ITERATIONS": "1", "CHATLOOP_PPO_BATCH_SIZE": "4",
     "CHATLOOP_PPO_MAX_NEW_TOKENS": "8", "CHATLOOP_EVAL_PROMPTS": "4", "CHATLOOP_LORA_R": "4",
     "CHATLOOP_LORA_ALPHA": "8", "CHATLOOP_MIN_NEW_FEEDBACK": "6", "CHATLOOP_THREADS": "1", "OMP_NUM_THREADS": "1",
     "CHATLOOP_PIPELINE_LOCK_TTL_S": "45", "CHATLOOP_TASK_VISIBILITY_TIMEOUT_S": "60",
+    "CHATLOOP_AB_SHARE": "0",  # the offline checks alone promote; tests/workers/test_ab_gate.py tests the A/B test
 }
 ACCEPT_ALL = {"CHATLOOP_GATE_MIN_SCORE_GAIN": "-1000", "CHATLOOP_GATE_MAX_KL": "1000",
               "CHATLOOP_GATE_MIN_LENGTH_RATIO": "0"}

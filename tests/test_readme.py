@@ -9,6 +9,6 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def test_settings_table_matches_the_settings_class():
-    documented = set(re.findall(r"`CHATLOOP_([A-Z_]+)`", README.read_text()))
+    documented = set(re.findall(r"`CHATLOOP_([A-Z0-9_]+)`", README.read_text()))
     fields = {name.upper() for name in Settings.model_fields}
     assert documented == fields

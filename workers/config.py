@@ -7,6 +7,7 @@ train_window are the pipeline's own). Settings take their defaults from those da
 from dataclasses import fields, replace
 
 from rlhf.config import LoraSettings, PipelineConfig
+from service.engine.model import resolve_device
 from service.settings import Settings
 
 SECTIONS = ("reward", "ppo", "offline", "eval", "gate")
@@ -33,4 +34,5 @@ def config_from_settings(settings: Settings) -> PipelineConfig:
     config.eval.max_new_tokens, config.eval.temperature = config.ppo.max_new_tokens, config.ppo.temperature
     if config.algorithm != "ppo":
         config.offline.algorithm = config.algorithm
+    config.device = str(resolve_device(settings.device))  # "auto": CUDA where there is one
     return config

@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,18 @@ from celery.exceptions import Ignore
 from redis.asyncio import Redis as AsyncRedis
 
 from service.settings import Settings
-from service.store.runs import FINISHED, client, get_run, refresh_lock, release_lock, take_lock, update_run
+from service.store.runs import (
+    FINISHED,
+    LOCK,
+    client,
+    get_run,
+    recent_runs,
+    refresh_lock,
+    release_lock,
+    run_key,
+    take_lock,
+    update_run,
+)
 
 STAGES = ("chatloop.train_reward", "chatloop.train_policy", "chatloop.evaluate", "chatloop.promote")
 
@@ -37,6 +49,17 @@ def arun(settings: Settings, fn: Callable, *args, raw: bool = False):
                 await c.aclose()
 
     return asyncio.run(call())
+
+
+def mark_lost_runs(r: redis.Redis) -> list[str]:
+    """Runs recorded as queued or running that no longer hold the lock: their worker stopped without recording an
+    end (a hard time limit kills the child; no stage is redelivered after that). Marked failed; their ids."""
+    holder = r.get(LOCK)
+    lost = [run["id"] for run in recent_runs(r) if run.get("status") in ("queued", "running") and run["id"] != holder]
+    for run_id in lost:
+        update_run(r, run_id, status="failed", error="lost: its worker stopped without recording an end",
+                   finished=time.time())
+    return lost
 
 
 def start_pipeline(app: Celery, settings: Settings, trigger: str) -> str | None:
@@ -73,6 +96,14 @@ def stage(task, settings: Settings, run_id: str, name: str) -> Iterator[Stage]:
     if not refresh_lock(r, run_id, settings.pipeline_lock_ttl_s):
         update_run(r, run_id, status="superseded", error="lost the training lock (it expired)")
         raise Ignore()
+    # acks_late redelivers a stage whose worker died (OOM-killed, say): count the attempts, so that a stage that
+    # kills its worker every time ends the run instead of holding the lock forever.
+    attempts = r.hincrby(run_key(run_id), f"attempts:{name}", 1)
+    if attempts > settings.stage_max_attempts:
+        error = f"{name}: gave up after {attempts - 1} attempts (the worker died each time)"
+        update_run(r, run_id, status="failed", error=error, finished=time.time())
+        release_lock(r, run_id)
+        raise Ignore()
 
     def progress(stage_name: str, step: int, total: int, metrics: dict) -> None:
         refresh_lock(r, run_id, settings.pipeline_lock_ttl_s)
@@ -99,7 +130,7 @@ def stage(task, settings: Settings, run_id: str, name: str) -> Iterator[Stage]:
     except Ignore:
         raise
     except Exception as exc:
-        update_run(r, run_id, status="failed", error=f"{name}: {type(exc).__name__}: {exc}")
+        update_run(r, run_id, status="failed", error=f"{name}: {type(exc).__name__}: {exc}", finished=time.time())
         release_lock(r, run_id)
         raise
     finally:

@@ -7,13 +7,14 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from common.models import BASE
-from service.feedback.leaderboard import arena_outcomes, head_to_head
+from service.feedback.ab import ABRules, ABTest, decide, win_rate_interval
+from service.feedback.ab import outcomes as ab_outcomes
 from service.settings import Settings, get_settings
-from service.store import feedback_store, registry, runs
+from service.store import ab_tests, feedback_store, registry, runs
 from service.store.export import export_feedback
 from workers.celery_app import app
 from workers.config import config_from_settings
-from workers.runs import arun, stage, start_pipeline
+from workers.runs import arun, mark_lost_runs, stage, start_pipeline
 
 FEEDBACK = "feedback.jsonl"
 
@@ -30,20 +31,6 @@ def reward_and_data(settings: Settings, run_id: str, work: Path) -> tuple[Path, 
     return reward, runs.get_dir(settings, run_id, "data", work / "data") / FEEDBACK
 
 
-def previous_reward_model(settings: Settings, run_id: str, dest: Path) -> Path | None:
-    """The newest reward model another run trained (kept FILES_TTL_S), fetched into dest; None if there is none
-    or CHATLOOP_REWARD_WARM_START is off."""
-    if not settings.reward_warm_start:
-        return None
-    for run in runs.recent_runs(runs.client(settings)):
-        if run["id"] != run_id and "reward_metrics" in run:
-            try:
-                return runs.get_dir(settings, run["id"], "reward", dest)
-            except FileNotFoundError:  # expired
-                return None
-    return None
-
-
 def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
     """A registry version written out as a peft directory; None for the base (no adapter)."""
     if version == BASE:
@@ -51,40 +38,80 @@ def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
     return arun(settings, registry.export_dir, version, dest, raw=True)
 
 
-async def arena_record(redis: Redis, candidate: str) -> tuple[str, int, float]:
-    """(production, votes, candidate's win rate) in live comparisons of the candidate with production."""
-    production = await registry.production(redis)
-    events = [event for _, event in await feedback_store.all_events(redis)]
-    return production, *head_to_head(arena_outcomes(events), candidate, production)
+def ab_rules(settings: Settings) -> ABRules:
+    return ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter)
 
 
-def settle_arena(settings: Settings) -> dict | None:
-    """Promote or reject the candidate waiting in the arena once it has enough votes; None if none waits."""
-    r = runs.client(settings)
-    waiting = [run for run in runs.recent_runs(r) if run.get("status") == "awaiting_arena"]
-    if not waiting:
+async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> tuple[str, list[float]]:
+    """(production now, the candidate's score in each counted blind vote since the test started)."""
+    events = [event for _, event in await feedback_store.all_events(redis, since=test.started)]
+    return await registry.production(redis), ab_outcomes(events, test, max_votes_per_voter)
+
+
+async def end_ab(redis: Redis, test: ABTest, promote: bool, reason: str) -> str:
+    """Promote the candidate (only over the production it was tested against) or not; end the test either way.
+    Returns the run's final status."""
+    status = "rejected"
+    if promote:
+        try:
+            await registry.promote(redis, test.candidate, f"run {test.run_id}: {reason}", expected=test.production)
+            status = "promoted"
+        except registry.AlreadyProduction:  # a check that ran twice: the first promoted it
+            status = "promoted"
+        except registry.PromotionConflict:  # production moved while the test ran (a rollback, say)
+            status = "superseded"
+    await ab_tests.finish(redis, test.candidate)
+    return status
+
+
+def settle_ab(settings: Settings) -> dict | None:
+    """Decide the running A/B test if its evidence (or its deadline) allows; None if no test runs."""
+    test = arun(settings, ab_tests.active)
+    if test is None:
         return None
-    run = waiting[0]
-    production, votes, win_rate = arun(settings, arena_record, run["candidate"])
-    verdict = {"run_id": run["id"], "votes": votes, "win_rate": win_rate}
-    if votes < settings.gate_arena_votes:
-        return verdict | {"status": "awaiting_arena"}
-    if win_rate >= settings.gate_arena_min_win_rate:
-        arun(settings, registry.promote, run["candidate"], f"run {run['id']}: won the arena {win_rate:.2f}")
-        status = "promoted"
+    production, scores = arun(settings, ab_evidence, test, settings.ab_max_votes_per_voter)
+    if production != test.production:
+        verdict, reason = "reject", f"production changed to {production} during the test"
     else:
-        status = "rejected"
-    runs.update_run(r, run["id"], status=status, arena={"votes": votes, "win_rate": win_rate, "against": production})
-    return verdict | {"status": status}
+        verdict, reason = decide(scores, test, time.time(), ab_rules(settings))
+    mean, lower, upper = win_rate_interval(scores)
+    evidence = {"votes": len(scores), "win_rate": mean, "ci95": [lower, upper], "against": test.production,
+                "reason": reason}
+    if verdict == "wait":
+        runs.update_run(runs.client(settings), test.run_id, ab=evidence)
+        return {"run_id": test.run_id, "status": "ab_test", **evidence}
+    status = arun(settings, end_ab, test, verdict == "promote", reason)
+    runs.update_run(runs.client(settings), test.run_id, status=status, ab=evidence, finished=time.time())
+    return {"run_id": test.run_id, "status": status, **evidence}
+
+
+def backoff_s(recent: list[dict], settings: Settings, now: float) -> float:
+    """Seconds to wait before the next run after consecutive failed runs (newest first in `recent`): the retrain
+    interval doubled per failure, capped; 0 after a success or with no failure."""
+    failures = 0
+    for run in recent:
+        if run.get("status") != "failed":
+            break
+        failures += 1
+    if not failures:
+        return 0.0
+    delay = min(settings.retrain_every_s * 2**failures, settings.retrain_max_backoff_s)
+    return max(0.0, recent[0].get("finished", recent[0].get("created", now)) + delay - now)
 
 
 @app.task(name="chatloop.maybe_retrain")
 def maybe_retrain() -> dict:
-    """Beat's check: settle a candidate waiting in the arena, else start a run when enough feedback arrived."""
+    """Beat's check: decide the A/B test if one runs and can be decided, else start a run when enough feedback
+    arrived."""
     settings = get_settings()
-    arena = settle_arena(settings)
-    if arena is not None and arena["status"] == "awaiting_arena":
-        return {"run_id": None, "reason": f"a candidate is in the arena ({arena['votes']} votes)", "arena": arena}
+    ab = settle_ab(settings)
+    if ab is not None and ab["status"] == "ab_test":
+        return {"run_id": None, "reason": f"a candidate is in an A/B test ({ab['votes']} votes)", "ab": ab}
+    r = runs.client(settings)
+    lost = mark_lost_runs(r)
+    wait = backoff_s(runs.recent_runs(r), settings, time.time())
+    if wait > 0:
+        return {"run_id": None, "reason": f"the last run failed: waiting {wait:.0f} s more", "lost": lost}
     new = arun(settings, feedback_store.stats).get("new_since_training", 0)
     if new < settings.min_new_feedback:
         return {"run_id": None, "reason": f"{new} new feedback events, {settings.min_new_feedback} needed"}
@@ -102,11 +129,13 @@ def train_reward(self, run_id: str) -> str:
             return run_id
         events_seen = arun(settings, feedback_store.stats).get("events", 0)  # the "new since" mark, once done
         data = s.work / "data"
-        export = arun(settings, export_feedback, data / FEEDBACK, "all")
         config = config_from_settings(settings)
-        previous = previous_reward_model(settings, run_id, s.work / "previous_rm")
+        # Only the training window travels to the next stages (and through Redis), never the whole history.
+        export = arun(settings, export_feedback, data / FEEDBACK, "all", iter, config.train_window,
+                      settings.train_max_records_per_voter)
+        # The base's features of answers are kept between runs on this worker: each run computes only new ones.
         metrics = pipeline.train_reward(data / FEEDBACK, base_path(settings), s.work / "rm", config, s.progress,
-                                        previous)
+                                        settings.data_dir / "cache")
         runs.put_dir(settings, run_id, "data", data)
         runs.put_dir(settings, run_id, "reward", s.work / "rm")
         s.update(reward_metrics=metrics, export=export, events_seen=events_seen)
@@ -126,7 +155,7 @@ def train_policy(self, run_id: str) -> str:
         init = adapter_dir(settings, parent, s.work / "parent")
         config = config_from_settings(settings)
         history = pipeline.train_policy(reward, base_path(settings), s.work / "candidate", config, init, data,
-                                        s.progress)
+                                        s.progress, init_version=parent)
         meta = {"parent": parent, "run_id": run_id, "algorithm": settings.algorithm,
                 "reward_metrics": s.run["reward_metrics"], "policy": history[-1] if history else {}}
         version = arun(settings, registry.register_dir, s.work / "candidate", meta)
@@ -158,12 +187,22 @@ def promote(self, run_id: str) -> str:
         evaluation, version = s.run["evaluation"], s.run["candidate"]
         if not evaluation["accepted"]:
             status = "rejected"
-        elif settings.gate_arena_votes:
-            status = "awaiting_arena"  # served in the arena against production; beat settles it
+        elif settings.ab_share > 0:
+            test = ABTest(candidate=version, production=s.run["parent"], run_id=run_id, started=time.time(),
+                          deadline=time.time() + settings.ab_deadline_s)
+            running = test if arun(settings, ab_tests.start, test) else arun(settings, ab_tests.active)
+            # Another candidate's test runs (only one at a time): this one is not tested. Its own test running
+            # already means this stage was redelivered after starting it.
+            status = "ab_test" if running is not None and running.candidate == version else "rejected"
         else:
-            arun(settings, registry.promote, version, f"run {run_id}: passed the gate")
-            status = "promoted"
+            try:
+                arun(settings, registry.promote, version, f"run {run_id}: passed the offline gate", s.run["parent"])
+                status = "promoted"
+            except registry.AlreadyProduction:  # a redelivered stage: the first delivery promoted it
+                status = "promoted"
+            except registry.PromotionConflict:  # production moved while this run trained (an operator's rollback)
+                status = "superseded"
         arun(settings, feedback_store.mark_trained, s.run["events_seen"])
-        s.update(status=status, finished=time.time())
+        s.update(status=status, **({} if status == "ab_test" else {"finished": time.time()}))
         runs.release_lock(s.redis, run_id)
     return run_id

@@ -15,12 +15,16 @@ class AnswerRef(BaseModel):
     text: str = ""
     adapter: str = ""
     finish_reason: str | None = None
+    # How it was sampled: the trainer uses served answers as rollouts only when they match its own sampling.
+    temperature: float | None = None
+    top_p: float | None = None
 
 
 class FeedbackEvent(BaseModel):
     kind: Literal["thumb", "comparison"]
     created: int
-    voter: str  # "key:<id>" or "anonymous", plus "/<user>" when the client named its end user
+    voter: str  # who voted: the authenticated caller, "key:<id>" or "anonymous"
+    user: str | None = None  # the end user the client named (the OpenAI `user` field): kept, never a voter of its own
     prompt: list[dict]  # the conversation the answers reply to
     conversation: str
     answers: list[AnswerRef] = Field(min_length=1)
@@ -30,6 +34,7 @@ class FeedbackEvent(BaseModel):
     verdict: Literal["tie", "both_bad"] | None = None  # comparisons with no winner
     comment: str | None = None
     source: str = "api"
+    blind: bool = False  # the answers were served without their versions (the arena, an A/B test)
 
     @model_validator(mode="after")
     def _consistent(self) -> "FeedbackEvent":
@@ -58,11 +63,19 @@ class FeedbackEvent(BaseModel):
             return preferred_to_pairs(self.preferred, len(self.answers))
         return []
 
+    def pair_count(self) -> int:
+        """How many pairs pairs() gives, counted rather than listed: a ranking of k answers k(k-1)/2, one pick out
+        of k k-1, a verdict none."""
+        k = len(self.answers)
+        if self.ranking is not None:
+            return k * (k - 1) // 2
+        return k - 1 if self.preferred is not None else 0
+
     def counts(self) -> dict[str, int]:
         """This vote's contribution to the stats counters."""
         if self.kind == "thumb":
             return {"thumbs_up" if self.rating == 1 else "thumbs_down": 1}
-        counts = {"comparisons": 1, "pairs": len(self.pairs())}
+        counts = {"comparisons": 1, "pairs": self.pair_count()}
         if self.verdict is not None:
             counts[{"tie": "ties", "both_bad": "both_bad"}[self.verdict]] = 1
         return counts

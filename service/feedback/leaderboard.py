@@ -15,9 +15,10 @@ Outcome = tuple[str, str, float]
 
 
 def arena_outcomes(events: list[FeedbackEvent]) -> list[Outcome]:
-    """Comparisons between answers of different versions, newest vote per voter and answer set."""
+    """Blind comparisons (the arena's, an A/B test's) between answers of different versions, newest vote per voter
+    and answer set. A comparison of versions the voter asked for by name does not count: they knew which was which."""
     outcomes = []
-    for event in latest_votes(e for e in events if e.kind == "comparison"):
+    for event in latest_votes(e for e in events if e.kind == "comparison" and e.blind):
         adapters = [a.adapter for a in event.answers]
         if len(set(adapters)) < 2:
             continue
@@ -79,9 +80,3 @@ def leaderboard(outcomes: list[Outcome], bootstrap: int = 200, seed: int = 0) ->
             "votes": len(played), "win_rate": round(sum(played) / len(played), 3),
         })
     return sorted(rows, key=lambda r: -r["rating"])
-
-
-def head_to_head(outcomes: list[Outcome], candidate: str, opponent: str) -> tuple[int, float]:
-    """(votes, candidate's win rate) in direct comparisons of the two versions."""
-    scores = [s if a == candidate else 1 - s for a, b, s in outcomes if {a, b} == {candidate, opponent}]
-    return len(scores), (sum(scores) / len(scores) if scores else 0.0)

@@ -1,9 +1,12 @@
-"""The arena: one request answered by two adapter versions, hidden from the user until they vote.
+"""Blind pairs: one request answered by two adapter versions, hidden from the user until they vote.
 
-The server picks the pair (production against the newest other version, or against the base),
-in random order; the answers stream as choices 0 and 1 labelled "arena", the completion log records
-which version wrote which choice, and the vote's receipt reveals them. Votes between versions feed
-the leaderboard (service/feedback/leaderboard.py) and, when the gate asks for it, a candidate's promotion.
+Two ways in. The arena (model `chatloop-arena`, asked for on purpose) pairs production with the candidate
+under test, else the newest other version, else the base. The online A/B test (service/feedback/ab.py) takes
+a share of the ordinary comparison traffic, requests to `chatloop` with n = 2, and answers each with one
+answer from production and one from the candidate. Either way the pair comes in random order, the response is
+labelled with a blind label instead of a version, the completion log records which version wrote which
+choice, and the vote's receipt reveals them. Blind votes feed the leaderboard
+(service/feedback/leaderboard.py) and decide the A/B test.
 """
 
 import asyncio
@@ -15,18 +18,37 @@ from redis.asyncio import Redis
 from common.models import BASE
 from service.engine.engine import Delta, GenerationRequest
 from service.errors import APIError
-from service.store import registry
+from service.store import ab_tests, registry
 
 ARENA_MODEL = "chatloop-arena"
-LABEL = "arena"
+LABEL = "arena"  # what an arena answer says instead of its versions
+AB_LABEL = "ab-test"  # what an A/B answer says instead of its versions
 
 
 async def pick_pair(redis: Redis, production: str, rng: random.Random) -> list[str]:
-    challengers = [v for v in reversed(await registry.versions(redis)) if v != production]
-    challenger = challengers[0] if challengers else (BASE if production != BASE else None)
+    """The arena's pair: production and the candidate under test, else the newest other version, else the base."""
+    test = await ab_tests.active(redis)
+    if test is not None and test.production == production:
+        challenger: str | None = test.candidate
+    else:
+        challengers = [v for v in reversed(await registry.versions(redis)) if v != production]
+        challenger = challengers[0] if challengers else (BASE if production != BASE else None)
     if challenger is None:
         raise APIError(409, "the arena needs two policies; there is only the base so far", "model", "arena_unavailable")
     pair = [production, challenger]
+    rng.shuffle(pair)
+    return pair
+
+
+async def ab_pair(redis: Redis, production: str, n: int, share: float, rng: random.Random) -> list[str] | None:
+    """For a comparison request (n = 2) to the production model: the A/B pair, in random order, for `share` of
+    them while a test of a candidate against this production runs; None otherwise."""
+    if n != 2 or share <= 0 or rng.random() >= share:
+        return None
+    test = await ab_tests.active(redis)
+    if test is None or test.production != production:
+        return None
+    pair = [production, test.candidate]
     rng.shuffle(pair)
     return pair
 

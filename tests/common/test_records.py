@@ -41,3 +41,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     with pytest.raises(RuntimeError):
         write_jsonl(out, records())
     assert out.read_text() == "old\n" and list(tmp_path.iterdir()) == [out]
+
+
+def test_provenance_is_read_where_present_and_of_the_right_type():
+    from common.records import Origin
+
+    record = pair_record(PROMPT, "a", "b", chosen_adapter="v3", chosen_finish_reason="stop", chosen_temperature=0.7,
+                         chosen_top_p=1, rejected_adapter=7, rejected_temperature="hot")
+    pair = parse_record(record)
+    assert pair.origins == (Origin("v3", "stop", 0.7, 1), Origin(None, None, None, None))
+    thumb = parse_record({"prompt": PROMPT, "completion": [{"role": "assistant", "content": "c"}], "label": True,
+                          "adapter": "base", "finish_reason": "length", "temperature": True})
+    assert thumb.origin == Origin("base", "length", None, None)  # a bool is not a temperature

@@ -5,16 +5,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import LoraSettings, RewardConfig
+from rlhf.config import RewardConfig
 from rlhf.modeling import TokenBatch, forward, load_base, token_logprobs
-from rlhf.reward import RewardModel
+from rlhf.reward import RewardHead, RewardModel
 
 PPO_TOPICS = ("cats", "dogs", "rain", "the sea", "music", "bread", "trains", "stars", "tea", "snow", "chess", "bees")
 PROMPTS = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in PPO_TOPICS]
-# Short answers and a small LoRA with a large learning rate keep these tests fast on two cores.
-FAST = RewardConfig(
-    lr=3e-3, epochs=3, batch_size=16, max_answer_tokens=16, lora=LoraSettings(r=8, alpha=16), precision="fp32"
-)
+# Both hidden states of the tiny 2-layer model past the embeddings, short answers, exact fp32: fast and comparable.
+FAST = RewardConfig(layers=(0.5, 1.0), max_answer_tokens=16, precision="fp32", ensemble=2, bootstrap=200)
 
 
 @torch.no_grad()
@@ -26,11 +24,10 @@ def answer_logprobs(model: torch.nn.Module, batch: TokenBatch, temperature: floa
 
 
 def make_reward_model(model_dir: Path, out: Path, seed: int = 7, metadata: dict | None = None) -> Path:
-    """A saved reward model with random (non-zero) lora_B, so its adapter visibly changes its scores."""
-    model = RewardModel(load_base(model_dir)[0], FAST)
-    torch.manual_seed(seed)
-    for name, param in model.body.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
+    """A saved reward model with a random head on FAST's features of the tiny model (2 layers x 64 dims)."""
+    generator = torch.Generator().manual_seed(seed)
+    dims = 2 * 64
+    head = RewardHead(torch.zeros(dims), torch.ones(dims), torch.randn(2, dims, generator=generator), torch.zeros(2))
+    model = RewardModel(head, FAST, str(load_base(model_dir)[0].name_or_path))
     model.calibrate(torch.tensor([-1.0, 0.5, 2.0]))
     return model.save(out, metadata)

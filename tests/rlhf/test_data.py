@@ -23,3 +23,22 @@ def test_split_by_prompt_never_puts_a_prompt_on_both_sides():
     assert not train & held
     assert 0.12 < len(held) / 400 < 0.28
     assert len(data.prompts) == len(train) and len(data.heldout_prompts) == len(held)
+
+
+def test_served_keeps_the_answers_one_version_served_at_the_trainers_sampling_newest_last():
+    from common.records import Origin
+
+    mine = Origin("v2", "stop", 0.7, 1.0)
+    items = [
+        Pair(PROMPT, "a", "b", created=1, origins=(mine, Origin("v1", "stop", 0.7, 1.0))),  # only "a" is v2's
+        Thumb(PROMPT, "c", True, created=3, origin=Origin("v2", "length", 0.7, None)),  # cut off: no EOS
+        Thumb(PROMPT, "d", False, created=2, origin=Origin("v2", "stop", 1.0, 1.0)),  # another temperature
+        Thumb(PROMPT, "e", False, created=4, origin=Origin("v2", "stop", 0.7, 0.9)),  # a nucleus cut
+        Thumb(PROMPT, "a", False, created=5, origin=mine),  # the same answer again: once
+        Thumb(PROMPT, "f", True, created=0, origin=Origin()),  # imported: unknown origin
+    ]
+    data = build_datasets(items, heldout_fraction=0.0)
+    served = data.served("v2", 0.7, limit=10)
+    assert [(s.text, s.ended, s.vote) for s in served] == [("c", False, 1.0), ("a", True, -1.0)]  # newest vote
+    assert [s.text for s in data.served("v2", 0.7, limit=1)] == ["a"]
+    assert data.served("v2", 0.7, limit=0) == []

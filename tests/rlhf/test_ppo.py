@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 
 from rlhf.config import LoraSettings, PPOConfig
+from rlhf.data import Served
 from rlhf.modeling import load_base
 from rlhf.ppo import PPOTrainer, cut_at_eos
 from service.engine.model import resolve_base_model
@@ -174,3 +175,27 @@ def test_one_iteration_on_smollm2(tmp_path):
     assert set(stats) >= STAT_KEYS
     assert all(math.isfinite(value) for value in stats.values())
     assert 1 <= stats["ppo/mean_length"] <= 16
+
+
+def test_served_answers_make_the_first_batch_with_their_ends_kept(tiny_base):
+    """Answers the starting policy served are exact samples of it: the first iteration trains on them (no
+    generation), each baselined on the other answers to its conversation, EOS kept only where it stopped."""
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config())
+    eos = tokenizer.eos_token_id
+    assert trainer.served_ids(Served(PROMPTS[0], "hello world", ended=True, vote=1.0))[-1] == eos
+    cut = trainer.served_ids(Served(PROMPTS[0], "hello world", ended=False, vote=1.0))
+    assert cut and eos not in cut
+    ids, _ = trainer.generate(PROMPTS[:6] * 2)  # two samples of each of six prompts
+    served = [Served(p, tokenizer.decode(x, skip_special_tokens=True), bool(x) and x[-1] == eos, 1.0 - 2 * (i >= 6))
+              for i, (p, x) in enumerate(zip(PROMPTS[:6] * 2, ids, strict=True))]
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    calls = []
+    trainer.step = lambda prompts: calls.append(prompts) or {"fresh": 1.0}  # count the fresh iterations
+    history = trainer.train(PROMPTS, 3, served=served)
+    assert history[0]["ppo/served"] == 12 and history[0]["ppo/batch"] == 12 and history[0]["time/generate_s"] == 0
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # served by the starting policy itself
+    assert history[0]["objective/score"] == 0.0  # the votes themselves (+1 six times, -1 six times) are the scores
+    assert len(calls) == 2 and history[1:] == [{"fresh": 1.0}] * 2
+    after = dict(trainer.policy.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in before.items())

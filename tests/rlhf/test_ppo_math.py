@@ -15,6 +15,7 @@ from rlhf.ppo_math import (
     kl_k3,
     kl_k3_tokens,
     leave_one_out,
+    leave_one_out_groups,
     masked_mean,
     masked_var,
     policy_loss,
@@ -196,3 +197,17 @@ def test_leave_one_out_baselines_each_answer_on_its_siblings():
     close(leave_one_out(scores, 1), [1.0, 2.0, 3.0, 6.0])
     with pytest.raises(ValueError, match="groups of 3"):
         leave_one_out(scores, 3)
+
+
+def test_leave_one_out_groups_by_hand():
+    scores = torch.tensor([1.0, 3.0, 10.0, 2.0, 4.0, 6.0])
+    groups = torch.tensor([7, 7, 9, 5, 5, 5])  # ids need not be consecutive or sorted
+    expected = torch.tensor([
+        1 - 3, 3 - 1,  # a pair: each against the other
+        10 - (1 + 3 + 2 + 4 + 6) / 5,  # alone in its group: against everyone else
+        2 - 5, 4 - 4, 6 - 3,  # a group of three: against the mean of the other two
+    ])
+    torch.testing.assert_close(leave_one_out_groups(scores, groups), expected)
+    # Equal groups give what leave_one_out gives.
+    same = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    torch.testing.assert_close(leave_one_out_groups(same, torch.tensor([0, 0, 1, 1])), leave_one_out(same, 2))

@@ -1,28 +1,27 @@
-"""Reward model: losses against hand-computed values, calibration, save/load, learning a synthetic
-preference (answers mentioning " banana") on the tiny random model, and living as an adapter of the
-policy's PeftModel (one copy of the base)."""
+"""Reward model: losses and the head's fit against hand-computed values, pooling by hand, the feature cache,
+calibration, save/load, learning a synthetic preference (answers mentioning " banana") on the tiny random model,
+and scoring with a policy's base (its adapters disabled, left as they were)."""
 
-import json
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 
 from common.records import Pair, Thumb
-from rlhf.config import LoraSettings
+from rlhf.config import RewardConfig
 from rlhf.data import build_datasets
-from rlhf.modeling import build_batch, encode_answer, encode_prompt, forward, load_base
+from rlhf.features import FeatureCache, answer_key, compute_features, feature_signature, layer_indexes, pool
+from rlhf.modeling import load_base
 from rlhf.reward import (
-    ADAPTER,
-    META_FILE,
-    WEIGHTS_FILE,
     RewardModel,
+    accuracy,
+    accuracy_interval,
     bradley_terry_loss,
+    fit_head,
+    fit_linear,
     pointwise_loss,
     train_reward_model,
 )
@@ -67,18 +66,12 @@ def banana_thumbs(n: int, seed: int = 1) -> list[Thumb]:
     return thumbs
 
 
-def policy_model(model_dir: Path, adapter_dir: Path) -> PeftModel:
-    """A trainable policy adapter on a fresh base, as PPOTrainer makes it."""
-    return PeftModel.from_pretrained(load_base(model_dir)[0], adapter_dir, is_trainable=True).eval()
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def base(tiny_model_dir: Path):
-    """A fresh base per test: the reward model injects its LoRA into the base in place."""
-    return load_base(tiny_model_dir)[0]
+    return load_base(tiny_model_dir)[0]  # frozen and never wrapped: one per module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path):
     return load_base(tiny_model_dir)[1]
 
@@ -102,168 +95,146 @@ def test_pointwise_loss_by_hand():
     assert mixed == pytest.approx((0.126928 + 2.126928) / 2, abs=1e-6)
 
 
-def test_calibrate_gives_mean_zero_std_one(base, tokenizer):
-    model = RewardModel(base, FAST)
-    pairs = banana_pairs(12)
-    prompts, answers = [p.prompt for p in pairs], [p.chosen for p in pairs]
-    raw = model.raw_scores(tokenizer, prompts, answers)
-    assert raw.shape == (12,) and raw.std() > 0
-    model.calibrate(raw)
-    scores = model.score_texts(tokenizer, prompts, answers)
+def test_fit_linear_finds_the_feature_that_decides_and_ignores_the_other():
+    # Feature 0 decides every pair; feature 1 is noise. The fitted weight follows feature 0.
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 2, generator=generator)
+    order = z[:, 0].argsort(descending=True)
+    pairs = torch.stack([order[:20], order[20:]], dim=1)  # each top-half row beats a bottom-half one
+    w, _ = fit_linear(z, pairs, torch.zeros(0, dtype=torch.long), torch.zeros(0), RewardConfig(l2=1e-3))
+    assert w[0] > 1.0 and abs(w[1]) < 0.2 * w[0]
+    # Thumbs alone set the bias too: all up gives a positive score at z = 0.
+    w, b = fit_linear(z, torch.zeros(0, 2, dtype=torch.long), torch.arange(40), torch.ones(40), RewardConfig())
+    assert b > 0
+
+
+def test_l2_shrinks_the_weights():
+    z = torch.tensor([[1.0], [0.0]])
+    pairs = torch.tensor([[0, 1]])
+    none = torch.zeros(0, dtype=torch.long)
+    loose, _ = fit_linear(z, pairs, none, torch.zeros(0), RewardConfig(l2=1e-3))
+    tight, _ = fit_linear(z, pairs, none, torch.zeros(0), RewardConfig(l2=1.0))
+    # One pair, margin w: minimise log(1 + e^-w) + l2 w^2; at l2 = 1 the optimum solves 1 / (1 + e^w) = 2w.
+    assert tight.item() == pytest.approx(0.2223, abs=1e-3)
+    assert loose.item() > 3 * tight.item()
+
+
+def test_the_first_ensemble_member_sees_every_vote_and_the_others_resample():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 3, generator=generator)
+    pairs = torch.tensor([[i, i + 15] for i in range(15)])
+    none = torch.zeros(0, dtype=torch.long)
+    config = RewardConfig(ensemble=3)
+    head = fit_head(x, pairs, none, torch.zeros(0), config)
+    w, _ = fit_linear((x - x.mean(0)) / x.std(0), pairs, none, torch.zeros(0), config)
+    torch.testing.assert_close(head.weight[0], w)
+    assert not torch.allclose(head.weight[1], head.weight[0]) and not torch.allclose(head.weight[2], head.weight[1])
+    torch.testing.assert_close(head(x), head.members(x).mean(-1))
+
+
+def test_pooling_by_hand():
+    # Two rows, prompt of 1 column, answers of 3 and 1 tokens (right-padded); hidden size 1; two "layers".
+    layer = torch.tensor([[[9.0], [1.0], [2.0], [6.0]], [[9.0], [4.0], [7.0], [7.0]]])  # (B, P + R, H)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    hidden = [layer * 10, layer]  # index 0 (the embeddings) and 1 (the last layer of a 1-layer model)
+    mean = pool(hidden, mask, 1, RewardConfig(layers=(1.0,), pooling="mean"))
+    torch.testing.assert_close(mean, torch.tensor([[3.0], [4.0]]))  # (1 + 2 + 6) / 3; padding ignored
+    both = pool(hidden, mask, 1, RewardConfig(layers=(0.0, 1.0), pooling="mean+last"))
+    torch.testing.assert_close(both, torch.tensor([[30.0, 60.0, 3.0, 6.0], [40.0, 40.0, 4.0, 4.0]]))
+    assert layer_indexes((0.5, 0.8), 30) == [15, 24] and layer_indexes((0.0, 1.0), 2) == [0, 2]
+    with pytest.raises(ValueError):
+        layer_indexes((2.0,), 30)
+
+
+def test_features_ignore_padding(base, tokenizer):
+    """A row gets the same features alone as beside longer prompts and answers (left- and right-padded)."""
+    short = [{"role": "user", "content": "Hi?"}]
+    long = [{"role": "user", "content": "A much longer question about rivers, bridges and clocks?"}]
+    alone = compute_features(base, tokenizer, [short], ["yes"], FAST)
+    padded = compute_features(base, tokenizer, [short, long], ["yes", "a far longer answer than the first"], FAST)
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=0)
+
+
+def test_the_cache_computes_each_answer_once_and_keeps_only_what_is_asked(base, tokenizer, tmp_path):
+    prompt = [{"role": "user", "content": "Hi?"}]
+    signature = feature_signature(FAST, "tiny")
+    cache = FeatureCache(tmp_path, signature)
+    first = cache.features(base, tokenizer, [prompt, prompt], ["a", "b"], FAST)
+    assert cache.computed == 2
+    again = cache.features(base, tokenizer, [prompt, prompt, prompt], ["b", "a", "b"], FAST)
+    assert cache.computed == 2  # all three from the cache
+    torch.testing.assert_close(again, first[[1, 0, 1]])
+    cache.keep({answer_key(prompt, "a")})
+    reopened = FeatureCache(tmp_path, signature)
+    assert set(reopened.vectors) == {answer_key(prompt, "a")}
+    torch.testing.assert_close(reopened.vectors[answer_key(prompt, "a")], first[0])
+    assert FeatureCache(tmp_path, feature_signature(RewardConfig(), "tiny")).vectors == {}  # other layers: new file
+
+
+def test_calibrate_gives_mean_zero_std_one(tiny_model_dir, tmp_path):
+    model = RewardModel.load(make_reward_model(tiny_model_dir, tmp_path / "rm"))
+    features = torch.randn(12, 128)
+    model.calibrate(model.raw(features))
+    scores = model.normalised(features)
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert scores.std().item() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError):
         model.calibrate(torch.tensor([0.5, 0.5]))
 
 
-def test_score_ignores_padding(base, tokenizer):
-    """A row scores the same alone as beside longer prompts and answers (left- and right-padded)."""
-    model = RewardModel(base, FAST)
-    short = [{"role": "user", "content": "Hi?"}]
-    long = [{"role": "user", "content": "A much longer question about rivers, bridges and clocks?"}]
-    alone = model.raw_scores(tokenizer, [short], ["yes"])
-    padded = model.raw_scores(tokenizer, [short, long], ["yes", "a far longer answer than the first one"])
-    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=0)
-
-
-def test_save_load_round_trip(base, tokenizer, tiny_model_dir, tmp_path):
-    data = build_datasets([*banana_pairs(24), *banana_thumbs(8)], heldout_fraction=0.0)
-    config = replace(FAST, epochs=1)
-    model, metrics = train_reward_model(base, tokenizer, data, config)
-    pairs = banana_pairs(6, seed=5)
-    prompts, answers = [p.prompt for p in pairs], [p.rejected for p in pairs]
-    before = model.score_texts(tokenizer, prompts, answers)
-
-    out = model.save(tmp_path / "rm-v1", {"metrics": metrics})
-    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS_FILE, META_FILE])
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
-    tensors = load_file(out / WEIGHTS_FILE)  # safetensors, not pickle
-    assert "head.weight" in tensors and any("lora_A" in k for k in tensors)
-    meta = json.loads((out / META_FILE).read_text())
-    assert meta["base_model"] == str(tiny_model_dir)
-    assert meta["config"]["lora"]["r"] == 8 and meta["calibration"] == model.calibration
-    assert meta["metadata"]["metrics"]["reward/train_pairs"] == 24 and meta["created_at"]
+def test_save_load_round_trip(tiny_model_dir, tmp_path):
+    model = RewardModel.load(make_reward_model(tiny_model_dir, tmp_path / "rm", metadata={"run": "r1"}))
+    again = RewardModel.load(tmp_path / "rm")
+    features = torch.randn(5, 128)
+    torch.testing.assert_close(again.normalised(features), model.normalised(features))
+    assert again.config == FAST
     with pytest.raises(FileExistsError):
-        model.save(out)
-
-    loaded = RewardModel.load(out, load_base(tiny_model_dir)[0])
-    assert torch.equal(loaded.score_texts(tokenizer, prompts, answers), before)
-    assert loaded.config == config
+        model.save(tmp_path / "rm")  # a version is never overwritten
 
 
-def test_training_is_deterministic(tiny_model_dir):
-    data = build_datasets(banana_pairs(16), heldout_fraction=0.0)
-    config = replace(FAST, epochs=1, batch_size=8)
-    calls = []
-    runs = []
-    for _ in range(2):
-        base, tokenizer = load_base(tiny_model_dir)
-        model, _ = train_reward_model(base, tokenizer, data, config, progress=lambda *a: calls.append(a[:2]))
-        runs.append(model.raw_scores(tokenizer, [p.prompt for p in data.pairs], [p.chosen for p in data.pairs]))
-    assert torch.equal(runs[0], runs[1])
-    assert calls == [(1, 2), (2, 2)] * 2
+def test_accuracy_and_its_interval():
+    assert accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])) == 0.625  # ties count half
+    assert accuracy_interval(torch.ones(50), bootstrap=200) == (1.0, 1.0)
+    low, high = accuracy_interval(torch.tensor([1.0, -1.0] * 100), bootstrap=500)
+    assert 0.42 < low < 0.5 < high < 0.58  # 200 coin flips: +-0.07
 
 
-def test_learns_synthetic_preference(base, tokenizer):
-    data = build_datasets(banana_pairs(300), heldout_fraction=0.2)
-    assert len(data.heldout_pairs) >= 40
-    _, metrics = train_reward_model(base, tokenizer, data, FAST)
-    assert metrics["reward/heldout_accuracy"] >= 0.9
-    assert metrics["reward/heldout_pairs"] == len(data.heldout_pairs)
-    # Chosen and rejected have the same number of words: length alone cannot explain the accuracy.
-    assert metrics["reward/baseline_longer_wins_accuracy"] < 0.7
-    assert metrics["reward/heldout_loss"] < metrics["reward/train_loss"] + 0.3
+def test_learns_synthetic_preference(base, tokenizer, tmp_path):
+    data = build_datasets([*banana_pairs(160), *banana_thumbs(40)], heldout_fraction=0.25)
+    _, metrics = train_reward_model(base, tokenizer, data, FAST, cache_dir=tmp_path)
+    assert metrics["reward/heldout_pairs"] >= 25
+    assert metrics["reward/heldout_accuracy"] >= 0.85
+    assert metrics["reward/heldout_accuracy_low"] <= metrics["reward/heldout_accuracy"]
+    assert metrics["reward/heldout_accuracy"] <= metrics["reward/heldout_accuracy_high"]
+    assert metrics["reward/baseline_longer_wins_accuracy"] == pytest.approx(0.5, abs=0.15)  # same lengths
+    # The second run on the same data finds every feature in the cache.
+    _, again = train_reward_model(base, tokenizer, data, FAST, cache_dir=tmp_path)
+    assert again["reward/cached_answers"] == again["reward/answers"]
+    assert again["reward/heldout_accuracy"] == metrics["reward/heldout_accuracy"]
 
 
 def test_thumbs_alone_train_the_right_sign(base, tokenizer):
-    data = build_datasets(banana_thumbs(300), heldout_fraction=0.2)
-    assert not data.pairs and data.heldout_thumbs
-    model, metrics = train_reward_model(base, tokenizer, data, FAST)
-    assert metrics["reward/heldout_thumbs_accuracy"] >= 0.8
-    assert "reward/heldout_accuracy" not in metrics
-    up = [t for t in data.heldout_thumbs if t.label]
-    down = [t for t in data.heldout_thumbs if not t.label]
-    raw_up = model.raw_scores(tokenizer, [t.prompt for t in up], [t.answer for t in up])
-    raw_down = model.raw_scores(tokenizer, [t.prompt for t in down], [t.answer for t in down])
-    assert raw_up.mean() > 0 > raw_down.mean()
+    data = build_datasets(banana_thumbs(120), heldout_fraction=0.0)
+    model, _ = train_reward_model(base, tokenizer, data, FAST)
+    pairs = banana_pairs(40, seed=5)
+    prompts = [p.prompt for p in pairs]
+    margins = model.raw(compute_features(base, tokenizer, prompts, [p.chosen for p in pairs], FAST))
+    margins -= model.raw(compute_features(base, tokenizer, prompts, [p.rejected for p in pairs], FAST))
+    assert accuracy(margins) >= 0.75
 
 
-def test_warm_start_keeps_what_earlier_feedback_taught(tiny_model_dir, tokenizer, tmp_path):
-    """A run continuing from the previous reward model starts where it ended; one trained afresh on a
-    handful of new votes has not seen enough to know the preference."""
-    heldout = banana_pairs(60, seed=9)
-    first, _ = train_reward_model(load_base(tiny_model_dir)[0], tokenizer, build_datasets(banana_pairs(300)), FAST)
-    saved = first.save(tmp_path / "rm-1")
-
-    def accuracy(model: RewardModel) -> float:
-        prompts = [p.prompt for p in heldout]
-        chosen = model.raw_scores(tokenizer, prompts, [p.chosen for p in heldout])
-        rejected = model.raw_scores(tokenizer, prompts, [p.rejected for p in heldout])
-        return (chosen > rejected).float().mean().item()
-
-    few = build_datasets(banana_pairs(4, seed=3), heldout_fraction=0.0)
-    one_step = replace(FAST, epochs=1, lr=1e-4)
-    warm, metrics = train_reward_model(load_base(tiny_model_dir)[0], tokenizer, few, one_step, init=saved)
-    fresh, fresh_metrics = train_reward_model(load_base(tiny_model_dir)[0], tokenizer, few, one_step)
-    assert metrics["reward/warm_start"] == 1.0 and fresh_metrics["reward/warm_start"] == 0.0
-    assert accuracy(first) >= 0.9 and accuracy(warm) >= 0.9
-    assert accuracy(fresh) < 0.75
-
-    other_rank = replace(FAST, lora=LoraSettings(r=4, alpha=8))
-    with pytest.raises(ValueError, match="do not fit"):
-        train_reward_model(load_base(tiny_model_dir)[0], tokenizer, few, other_rank, init=saved)
-
-
-@pytest.fixture(scope="module")
-def saved_reward_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm") / "v1")
-
-
-@pytest.fixture(scope="module")
-def policy_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("policy") / "v1", seed=3)
-
-
-def test_shared_adapter_scores_equal_standalone(
-    tiny_model_dir, tokenizer, saved_reward_model, policy_adapter, tmp_path
-):
-    pairs = banana_pairs(10, seed=3)
-    prompts, answers = [p.prompt for p in pairs], [p.chosen for p in pairs]
-    alone = RewardModel.load(saved_reward_model, load_base(tiny_model_dir)[0])
-    policy = policy_model(tiny_model_dir, policy_adapter)
-    shared = RewardModel.load(saved_reward_model, policy)
-    assert shared.shared and not alone.shared and shared.body is policy
-    assert set(policy.peft_config) == {"default", ADAPTER}
-    expected = alone.score_texts(tokenizer, prompts, answers)
-    assert torch.equal(shared.score_texts(tokenizer, prompts, answers), expected)
-    with alone.body.disable_adapter():  # not vacuous: the reward model's adapter matters
-        assert not torch.allclose(alone.score_texts(tokenizer, prompts, answers), expected, atol=1e-3)
-
-    # Saved from the shared model, the artefact is the standalone format, tensor for tensor.
-    out = shared.save(tmp_path / "again")
-    again, original = load_file(out / WEIGHTS_FILE), load_file(saved_reward_model / WEIGHTS_FILE)
-    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
-
-
-def test_scoring_leaves_the_policy_as_it_was(tiny_model_dir, tokenizer, saved_reward_model, policy_adapter):
-    policy = policy_model(tiny_model_dir, policy_adapter)
-    pairs = banana_pairs(4, seed=4)
-    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in pairs]
-    batch = build_batch(prompt_ids, [encode_answer(tokenizer, p.chosen) for p in pairs], tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = forward(policy, batch).logits
-    flags = {name: p.requires_grad for name, p in policy.named_parameters()}
-
-    reward_model = RewardModel.load(saved_reward_model, policy)
-    reward_flags = {name: p.requires_grad for name, p in policy.named_parameters() if f".{ADAPTER}." in name}
-    assert reward_flags and not any(reward_flags.values())  # joins frozen
-    reward_model.raw_scores(tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
-
+def test_scoring_with_a_policy_reads_its_base_and_leaves_it_as_it_was(tiny_model_dir, tokenizer, tmp_path):
+    model = RewardModel.load(make_reward_model(tiny_model_dir, tmp_path / "rm"))
+    policy = PeftModel.from_pretrained(
+        load_base(tiny_model_dir)[0], make_adapter(tiny_model_dir, tmp_path / "a", seed=3), is_trainable=True
+    )
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    prompts, answers = [[{"role": "user", "content": "Hi?"}]] * 2, ["yes", "no thanks"]
+    eos = tokenizer.eos_token_id
+    scores = model.reward_fn(policy, tokenizer)(prompts, answers, [[eos], [5]])  # the first stopped, the second not
+    plain = compute_features(load_base(tiny_model_dir)[0], tokenizer, prompts, answers, FAST, ended=[True, False])
+    torch.testing.assert_close(scores, model.normalised(plain), atol=1e-5, rtol=0)
+    cut = compute_features(load_base(tiny_model_dir)[0], tokenizer, prompts[1:], answers[1:], FAST, ended=[True])
+    assert not torch.allclose(plain[1:], cut)  # a cut-off answer and the same text finished read differently
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable
     assert policy.active_adapter == "default"
-    after = {name: p.requires_grad for name, p in policy.named_parameters()}
-    assert after == flags | reward_flags  # the policy's LoRA still trainable, the rest (reward included) frozen
-    assert any(flags.values())
-    with torch.no_grad():
-        assert torch.equal(forward(policy, batch).logits, logits)
-    with policy.disable_adapter(), pytest.raises(RuntimeError, match="disable_adapter"):
-        reward_model.raw_scores(tokenizer, [pairs[0].prompt], [pairs[0].chosen])

@@ -9,8 +9,8 @@ from rlhf.config import LoraSettings, PipelineConfig
 from service.settings import Settings
 from workers.config import SECTIONS, config_from_settings
 
-# Settings of the workers themselves (the arena gate), not of a training dataclass.
-WORKER_ONLY = {"gate_arena_votes", "gate_arena_min_win_rate"}
+# Settings of the workers' training windows, not of a training dataclass.
+WORKER_ONLY = {"train_max_records_per_voter"}
 
 
 def test_default_settings_give_the_default_pipeline():
@@ -32,7 +32,7 @@ def test_every_training_setting_names_a_field():
     ("env", "value", "where"),
     [
         ({"CHATLOOP_PPO_LR": "0.25"}, 0.25, lambda c: c.ppo.lr),
-        ({"CHATLOOP_REWARD_EPOCHS": "5"}, 5, lambda c: c.reward.epochs),
+        ({"CHATLOOP_REWARD_ENSEMBLE": "5"}, 5, lambda c: c.reward.ensemble),
         ({"CHATLOOP_GATE_MAX_KL": "3"}, 3.0, lambda c: c.gate.max_kl),
         ({"CHATLOOP_TRAIN_WINDOW": "7"}, 7, lambda c: c.train_window),
         ({"CHATLOOP_LORA_R": "4"}, 4, lambda c: (c.reward.lora.r, c.ppo.lora.r, c.offline.lora.r)),
@@ -40,6 +40,7 @@ def test_every_training_setting_names_a_field():
                                                                   c.offline.precision, c.eval.precision}),
         ({"CHATLOOP_PPO_MAX_NEW_TOKENS": "9"}, 9, lambda c: (c.ppo.max_new_tokens, c.eval.max_new_tokens)),
         ({"CHATLOOP_ALGORITHM": "kto"}, "kto", lambda c: (c.algorithm, c.offline.algorithm)),
+        ({"CHATLOOP_DEVICE": "cpu"}, "cpu", lambda c: c.device),
     ],
 )
 def test_a_setting_reaches_its_field(monkeypatch, env, value, where):

@@ -108,7 +108,7 @@ def test_feedback_leads_to_a_new_adapter_on_every_replica(env, tmp_path, redis_u
         version = run["candidate"]
         assert production(redis_url) == version
         assert run["trigger"] == "schedule" and run["evaluation"]["accepted"]
-        assert run["reward_metrics"]["reward/warm_start"] == 0.0  # the first run has no reward model to continue
+        assert run["reward_metrics"]["reward/cached_answers"] == 0  # the first run computes every answer's features
         for url in replicas:
             deadline = time.monotonic() + 10
             while httpx.get(f"{url}/readyz").json()["production_adapter"] != version:
@@ -157,7 +157,8 @@ def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(e
             assert response.status_code == 202, response.text
             second = wait_run(url, headers["Authorization"][7:], response.json()["run_id"], FINISHED)
             assert second["status"] == "promoted"
-            assert second["reward_metrics"]["reward/warm_start"] == 1.0  # from the killed run's finished reward stage
+            # The killed run's finished reward stage left its features in this worker's cache.
+            assert second["reward_metrics"]["reward/cached_answers"] > 0
             assert production(redis_url) == second["candidate"]
             killed = httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json()
             assert killed["status"] != "promoted" and killed.get("candidate") != second["candidate"]

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from service.feedback.events import AnswerRef, FeedbackEvent
-from service.feedback.leaderboard import arena_outcomes, bradley_terry, elo, head_to_head, leaderboard
+from service.feedback.leaderboard import arena_outcomes, bradley_terry, elo, leaderboard
 
 
 def test_bradley_terry_matches_the_closed_form_for_two_players():
@@ -28,13 +28,12 @@ def test_leaderboard_orders_versions_and_brackets_ratings():
     for r in rows:
         assert r["ci95"][0] <= r["rating"] <= r["ci95"][1]
     assert rows[0]["votes"] == 40 and rows[0]["win_rate"] == 0.75
-    assert head_to_head(outcomes, "v2", "v1") == (40, 0.75)
 
 
-def event(adapters: list[str], voter: str = "u", completion: str = "c", **verdict) -> FeedbackEvent:
+def event(adapters: list[str], voter: str = "u", completion: str = "c", blind: bool = True, **verdict) -> FeedbackEvent:
     answers = [AnswerRef(completion_id=completion, choice_index=i, adapter=a) for i, a in enumerate(adapters)]
     return FeedbackEvent(kind="comparison", created=1, voter=voter, prompt=[], conversation="x", answers=answers,
-                         **verdict)
+                         blind=blind, **verdict)
 
 
 def test_arena_outcomes_from_comparison_events():
@@ -44,5 +43,6 @@ def test_arena_outcomes_from_comparison_events():
         event(["v1", "v2"], voter="w", verdict="tie"),
         event(["v1", "v2"], voter="z", preferred=0),
         event(["v1", "v2"], voter="z", preferred=1),  # z changed their mind: only the newest counts
+        event(["v1", "v2"], voter="x", completion="e", blind=False, preferred=1),  # asked for by name: no count
     ]
     assert sorted(arena_outcomes(events)) == sorted([("v2", "v1", 1.0), ("v1", "v2", 0.5), ("v2", "v1", 1.0)])

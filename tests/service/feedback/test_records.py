@@ -27,7 +27,9 @@ def test_ranking_of_three_gives_its_three_ordered_pairs():
     assert records[0] == {
         "prompt": PROMPT, "chosen": [{"role": "assistant", "content": "blue"}],
         "rejected": [{"role": "assistant", "content": "red"}], "chosen_id": "c1:2", "rejected_id": "c1:0",
-        "chosen_adapter": "v1", "rejected_adapter": "v1", "voter": "key:a", "created": 100,
+        "chosen_adapter": "v1", "chosen_finish_reason": None, "chosen_temperature": None, "chosen_top_p": None,
+        "rejected_adapter": "v1", "rejected_finish_reason": None, "rejected_temperature": None,
+        "rejected_top_p": None, "voter": "key:a", "created": 100,
     }
 
 
@@ -55,4 +57,17 @@ def test_both_bad_gives_a_thumbs_down_for_each_answer():
 def test_thumbs_become_labels():
     records = training_records([event(["red"], rating=1), event(["green"], cid="c2", rating=-1)])
     assert texts_of(records) == [("red", True), ("green", False)]
-    assert set(records[0]) == {"prompt", "completion", "label", "answer_id", "adapter", "voter", "created"}
+    assert set(records[0]) == {"prompt", "completion", "label", "answer_id", "adapter", "finish_reason", "temperature",
+                               "top_p", "voter", "created"}
+
+
+def test_the_window_keeps_the_newest_records_and_caps_each_voter():
+    events = [event(["r"], cid=f"c{i}", rating=1, created=i) for i in range(6)]  # key:a, oldest first
+    events += [event(["g"], voter="key:b", cid=f"d{i}", rating=-1, created=10 + i) for i in range(3)]
+    assert [r["created"] for r in training_records(events, window=4)] == [5, 10, 11, 12]
+    capped = training_records(events, max_per_voter=2)
+    assert [(r["voter"], r["created"]) for r in capped] == [("key:a", 4), ("key:a", 5), ("key:b", 11), ("key:b", 12)]
+    # A ranking's pairs count against its voter's cap and the window like any other records.
+    ranked = [*events, event(COLOURS, voter="key:c", created=20, ranking=[2, 0, 1])]
+    assert len(training_records(ranked, window=5)) == 5
+    assert [r["voter"] for r in training_records(ranked, max_per_voter=2)][-2:] == ["key:c", "key:c"]

@@ -1,0 +1,34 @@
+"""The online A/B test in progress (service/feedback/ab.py): at most one, so every replica reads the same.
+
+    chatloop:ab:active   JSON of the running ABTest; absent when none runs
+"""
+
+import json
+
+from redis.asyncio import Redis
+
+from service.feedback.ab import ABTest
+
+ACTIVE = "chatloop:ab:active"
+
+# KEYS: active; ARGV: candidate. Delete only the test of this candidate: a newer test is never ended by mistake.
+_FINISH = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['candidate'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def start(redis: Redis, test: ABTest) -> bool:
+    """Start a test unless one runs already; True if this one started."""
+    return bool(await redis.set(ACTIVE, json.dumps(test.to_dict()), nx=True))
+
+
+async def active(redis: Redis) -> ABTest | None:
+    raw = await redis.get(ACTIVE)
+    return ABTest.from_dict(json.loads(raw)) if raw else None
+
+
+async def finish(redis: Redis, candidate: str) -> bool:
+    """End the test of this candidate; False if it is not the one running."""
+    return bool(await redis.eval(_FINISH, 1, ACTIVE, candidate))

@@ -1,0 +1,66 @@
+"""The A/B test as users meet it: a share of the comparison requests to `chatloop` is answered by production and
+the candidate, blind; the vote on it is a blind outcome with both versions on record (real server and Redis)."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from redis.asyncio import Redis
+
+from service.feedback.ab import ABTest
+from service.store import ab_tests, feedback_store, registry
+from tests.models import make_adapter
+from tests.server import running_server, tiny_server_env
+
+MESSAGES = [{"role": "user", "content": "Which policy answers?"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ab-adapters")
+    return [make_adapter(tiny_model_dir, root / name, seed=seed) for name, seed in (("prod", 21), ("cand", 22))]
+
+
+async def setup_test(redis_url: str, adapters) -> ABTest:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    production, candidate = [await registry.register_dir(client, path) for path in adapters]
+    await registry.promote(client, production)
+    test = ABTest(candidate=candidate, production=production, run_id="r1", started=time.time() - 1,
+                  deadline=time.time() + 3600)
+    await ab_tests.start(client, test)
+    await client.aclose()
+    return test
+
+
+def test_comparison_requests_meet_the_candidate_blind(tiny_model_dir, tmp_path, redis_url, redis_sync, adapters):
+    test = asyncio.run(setup_test(redis_url, adapters))
+    env = tiny_server_env(tiny_model_dir, tmp_path, redis_url) | {"CHATLOOP_AB_SHARE": "1"}
+    with running_server(env, tmp_path / "server.log", fresh_redis=False) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
+        single = client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4)
+        assert single.system_fingerprint == test.production  # one answer: no comparison, production answers
+        pair = client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4, n=2, seed=3)
+        assert pair.system_fingerprint == "ab-test" and len(pair.choices) == 2  # nothing says which is which
+        logged = json.loads(redis_sync.get(f"chatloop:completion:{pair.id}"))
+        assert logged["blind"] and sorted(c["adapter"] for c in logged["choices"]) == sorted(
+            [test.production, test.candidate])
+        receipt = httpx.post(f"{url}/v1/comparisons", json={"completion_id": pair.id, "preferred": 0}).json()
+        assert sorted(receipt["adapters"]) == sorted([test.production, test.candidate])  # the receipt reveals them
+
+        named = client.chat.completions.create(model=test.candidate, messages=MESSAGES, max_tokens=4, n=2)
+        assert named.system_fingerprint == test.candidate  # asked for by name: the caller knows, not blind
+        httpx.post(f"{url}/v1/comparisons", json={"completion_id": named.id, "preferred": 0}).raise_for_status()
+
+    async def events() -> list:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        found = [event for _, event in await feedback_store.all_events(client)]
+        await client.aclose()
+        return found
+
+    votes = asyncio.run(events())
+    assert [e.blind for e in votes] == [True, False]
+    winner = votes[0].answers[0]
+    assert winner.adapter in (test.production, test.candidate) and winner.temperature == 1.0

@@ -1,0 +1,112 @@
+"""A candidate that passed the offline checks waits in a blind A/B test until the users' votes (or the deadline)
+settle it; real Redis, the worker's settle_ab as beat calls it."""
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from service.feedback.ab import ABTest
+from service.feedback.events import AnswerRef, FeedbackEvent
+from service.settings import Settings
+from service.store import ab_tests, feedback_store, redis_keys, registry, runs
+from workers.tasks import settle_ab
+
+
+def settings_for(redis_url: str, **overrides) -> Settings:
+    return Settings(**{"redis_url": redis_url, "ab_min_votes": 6, "ab_max_votes_per_voter": 100, **overrides})
+
+
+async def start(redis_url: str, adapter_dir, deadline_s: float = 3600) -> ABTest:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    production = await registry.register_dir(client, adapter_dir)
+    candidate = await registry.register_dir(client, adapter_dir)
+    await registry.promote(client, production)
+    test = ABTest(candidate=candidate, production=production, run_id="run1", started=time.time() - 1,
+                  deadline=time.time() + deadline_s)
+    assert await ab_tests.start(client, test)
+    assert not await ab_tests.start(client, test)  # one test at a time
+    await client.aclose()
+    runs.update_run(runs.client(settings_for(redis_url)), "run1", id="run1", status="ab_test", candidate=candidate)
+    return test
+
+
+async def votes(redis_url: str, test: ABTest, wins: list[bool], blind: bool = True, voter: str | None = None) -> None:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    for i, candidate_won in enumerate(wins):
+        completion = f"chatcmpl-{voter}-{i}-{blind}"
+        await client.set(redis_keys.completion(completion), "{}")
+        pair = [test.production, test.candidate] if i % 2 else [test.candidate, test.production]  # blind: any order
+        answers = [AnswerRef(completion_id=completion, choice_index=k, adapter=v) for k, v in enumerate(pair)]
+        await feedback_store.cast_vote(client, FeedbackEvent(
+            kind="comparison", created=1, voter=voter or f"key:u{i}", prompt=[], conversation="c", answers=answers,
+            preferred=pair.index(test.candidate if candidate_won else test.production), blind=blind,
+        ))
+    await client.aclose()
+
+
+def status(redis_url: str) -> str:
+    return runs.get_run(runs.client(settings_for(redis_url)), "run1")["status"]
+
+
+def test_a_candidate_the_users_prefer_is_promoted(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True] * 5))
+    assert settle_ab(settings)["status"] == "ab_test"  # 5 votes of the 6 needed before any verdict
+    asyncio.run(votes(redis_url, test, [True] * 20, blind=False, voter="key:named"))  # asked for by name: no count
+    assert settle_ab(settings)["votes"] == 5
+    asyncio.run(votes(redis_url, test, [True] * 5 + [False], voter="key:late"))
+    verdict = settle_ab(settings)
+    assert verdict["status"] == "promoted" and verdict["votes"] == 11 and verdict["ci95"][0] > 0.5
+    assert redis_sync.get(registry.PRODUCTION) == test.candidate
+    assert status(redis_url) == "promoted" and redis_sync.get(ab_tests.ACTIVE) is None
+    assert settle_ab(settings) is None  # nothing left to decide
+
+
+def test_a_candidate_the_users_reject_is_rejected_and_production_stays(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [False] * 9 + [True]))
+    assert settle_ab(settings)["status"] == "rejected"
+    assert redis_sync.get(registry.PRODUCTION) == test.production and status(redis_url) == "rejected"
+
+
+def test_one_voter_cannot_vote_a_candidate_in(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url, ab_max_votes_per_voter=2)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True] * 30, voter="key:eager"))
+    verdict = settle_ab(settings)
+    assert verdict["status"] == "ab_test" and verdict["votes"] == 2  # 30 votes, 2 of them count: under 6
+    assert redis_sync.get(registry.PRODUCTION) == test.production
+
+
+def test_the_deadline_decides_an_undecided_test(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir, deadline_s=-1))
+    asyncio.run(votes(redis_url, test, [True, False] * 4))  # 8 votes, even: undecided
+    assert settle_ab(settings)["status"] == "rejected"
+    assert redis_sync.get(registry.PRODUCTION) == test.production
+
+
+def test_a_quiet_deployment_falls_back_to_the_offline_checks(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir, deadline_s=-1))
+    asyncio.run(votes(redis_url, test, [False, True]))  # 2 votes by the deadline: too few to tell
+    assert settle_ab(settings)["status"] == "promoted"
+    assert redis_sync.get(registry.PRODUCTION) == test.candidate
+
+
+def test_a_rollback_during_the_test_wins(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True] * 10))
+
+    async def operator_rolls_back() -> None:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        await registry.rollback(client)
+        await client.aclose()
+
+    asyncio.run(operator_rolls_back())
+    assert settle_ab(settings)["status"] == "rejected"  # production is not what the candidate was tested against
+    assert redis_sync.get(registry.PRODUCTION) != test.candidate
