@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
-ALGORITHMS ?= ppo dpo kto
+RUNS ?= ppo:vader:0 ppo:vader:1 ppo:concise:0 dpo:vader:0 kto:vader:0
 
 .PHONY: install system-deps run test lint bench bench-loop clean
 
@@ -41,10 +41,10 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.serve
 
-# The learning benchmark: ~35 min per algorithm on the 2-core reference machine (30 min of learning, then
-# the held-out evaluation); writes bench/results/loop-*.json, bench/RESULTS.md and docs/learning_curve.png.
+# The learning benchmark: ~45 min per run on the 2-core reference machine (30 min of learning, then the held-out
+# evaluation); writes bench/results/loop-*.json, bench/RESULTS.md and the plots in docs/. RUNS="ppo:vader:0" for one.
 bench-loop: install
-	$(BIN)/python -m bench.loop --algorithm $(ALGORITHMS) --write
+	$(BIN)/python -m bench.loop --runs $(RUNS) --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -58,6 +58,7 @@ def evaluate_policies(
     for name in [None, *adapters]:
         stats = answer_policy(model, name, tokenizer, conversations, reward, config)
         results[name or "base"] = {
+            "scores": [round(x, 4) for x in stats["score"].tolist()],  # answer j of prompt i at i * samples + j
             "score": stats["score"].mean().item(),
             "score_se": (stats["score"].std() / len(stats["score"]) ** 0.5).item(),
             "kl": stats["kl"].mean().item(),
@@ -66,6 +67,15 @@ def evaluate_policies(
             "n": len(stats["score"]),
         }
     return results
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean of a - b, its standard error) over answers paired by prompt and sample: both policies answered the
+    same prompts with the same seeds, so what the prompt decides cancels."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired scores need two equal-length lists of at least 2, not {len(a)} and {len(b)}")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return d.mean().item(), (d.std() / len(d) ** 0.5).item()
 
 
 VARIANT_HEADER = ["variant", "held-out score", "gain over base", "KL to base", "length", "train s"]

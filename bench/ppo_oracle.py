@@ -28,13 +28,18 @@ from rlhf.ppo import PPOTrainer
 from service.engine.model import resolve_base_model
 from service.settings import Settings
 
-# The service's PPO settings (CHATLOOP_PPO_*) except where a variant says otherwise.
-BASE = PPOConfig(batch_size=16, group_size=4, minibatch_size=8, epochs=2, lr=1e-3, missing_eos_penalty=None)
+# The service's PPO settings (CHATLOOP_PPO_*, rlhf/config.py) except where a variant says otherwise.
+BASE = PPOConfig()
 VARIANTS = {
-    "gae+kl-reward": replace(BASE, critic=True, kl_penalty="reward", kl_coef=0.05),
-    "rloo+kl-reward": replace(BASE, critic=False, kl_penalty="reward", kl_coef=0.05),
-    "rloo, no kl": replace(BASE, critic=False, kl_penalty="loss", kl_coef=0.0),
-    "rloo+kl-loss (default)": replace(BASE, critic=False, kl_penalty="loss", kl_coef=0.05),
+    "default": BASE,
+    "gae+kl-reward": replace(BASE, critic=True, kl_penalty="reward", group_size=1),
+    "rloo+kl-reward": replace(BASE, kl_penalty="reward"),
+    "rloo, no kl": replace(BASE, kl_coef=0.0),
+    "lr 1e-3": replace(BASE, lr=1e-3),
+    "lr 3e-4": replace(BASE, lr=3e-4),
+    "lr 1e-4": replace(BASE, lr=1e-4),
+    "lr 3e-4, kl 0.2": replace(BASE, lr=3e-4, kl_coef=0.2),
+    "lr 3e-4, batch 32": replace(BASE, lr=3e-4, batch_size=32, minibatch_size=16),
 }
 
 
@@ -70,9 +75,9 @@ def main() -> None:
     )
     print(table)
     if args.write:
-        machine = (f"{args.threads} torch threads; {args.iterations} iterations of 16 answers (4 per prompt), "
-                   f"lr {BASE.lr}, seed {BASE.seed}; {len(heldout)} held-out prompts x 2 answers, VADER compound; "
-                   "± is the standard error of the mean.")
+        machine = (f"{args.threads} torch threads; {args.iterations} iterations of {BASE.batch_size} answers "
+                   f"({BASE.group_size} per prompt), lr {BASE.lr} unless the variant says, seed {BASE.seed}; "
+                   f"{len(heldout)} held-out prompts x 2 answers, VADER compound; ± is the standard error of the mean.")
         write_results("PPO against the preference itself (bench/ppo_oracle.py)", table + "\n", machine,
                       " ".join(["python -m bench.ppo_oracle", *sys.argv[1:]]))
         print(f"written ({git_label()})")

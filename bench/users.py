@@ -239,25 +239,32 @@ async def run_users(
     stop: asyncio.Event | None = None,
     max_events: int | None = None,
     duration_s: float | None = None,
-    api_key: str | None = None,
+    api_key: str | Sequence[str] | None = None,
     on_event: Callable[[UserStats], None] | None = None,
 ) -> UserStats:
     """Run config.concurrency users against the service at base_url until max_events feedback events
     were sent, duration_s passed, or stop was set, whichever comes first (none of them: until cancelled).
-    A stop or timeout abandons the turns in flight; max_events lets them finish, so the counts are exact."""
+    A stop or timeout abandons the turns in flight; max_events lets them finish, so the counts are exact.
+    api_key: one key for everyone, one per user (user i takes key i modulo their number: each key is a voter
+    of its own to the service), or none (anonymous, allowed on loopback)."""
     config = config or UserConfig()
     if not prompts:
         raise ValueError("no prompts to ask")
     preference = get_preference(config.preference)
     stats, budget = UserStats(), EventBudget(max_events)
     root = base_url.rstrip("/") + "/v1"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    # "EMPTY" is not a chatloop key, so the server treats the caller as anonymous (allowed on loopback)
-    chat = openai.AsyncOpenAI(base_url=root, api_key=api_key or "EMPTY", max_retries=0, timeout=TIMEOUT_S)
-    async with chat, httpx.AsyncClient(base_url=root + "/", headers=headers, timeout=TIMEOUT_S) as http:
+    keys = [api_key] if api_key is None or isinstance(api_key, str) else list(api_key)
+    clients = []
+    async with contextlib.AsyncExitStack() as stack:
+        for key in keys:
+            # "EMPTY" is not a chatloop key, so the server treats the caller as anonymous (allowed on loopback)
+            chat = openai.AsyncOpenAI(base_url=root, api_key=key or "EMPTY", max_retries=0, timeout=TIMEOUT_S)
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            http = httpx.AsyncClient(base_url=root + "/", headers=headers, timeout=TIMEOUT_S)
+            clients.append((await stack.enter_async_context(chat), await stack.enter_async_context(http)))
         users = [
-            SimulatedUser(f"sim-{i}", random.Random(config.seed + i), prompts, config, preference, chat, http,
-                          stats, budget, on_event)
+            SimulatedUser(f"sim-{i}", random.Random(config.seed + i), prompts, config, preference,
+                          *clients[i % len(clients)], stats, budget, on_event)
             for i in range(config.concurrency)
         ]
         tasks = [asyncio.create_task(user.run()) for user in users]
