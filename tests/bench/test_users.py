@@ -97,7 +97,8 @@ async def test_users_vote_as_their_preference_says(server, redis_sync):
     }
 
     events = [FeedbackEvent.from_json(fields["event"]) for _, fields in redis_sync.xrange(redis_keys.EVENTS)]
-    assert {e.voter for e in events} == {"anonymous/sim-0", "anonymous/sim-1"}
+    # Anonymous callers are one voter to the service; the end users they name are kept on the events.
+    assert {e.voter for e in events} == {"anonymous"} and {e.user for e in events} == {"sim-0", "sim-1"}
     heldout = set(load_prompts(split="heldout"))
     assert not any(e.prompt[0]["content"] in heldout for e in events)
     scores, picks = [], 0
