@@ -190,7 +190,11 @@ def promote(self, run_id: str) -> str:
         elif settings.ab_share > 0:
             test = ABTest(candidate=version, production=s.run["parent"], run_id=run_id, started=time.time(),
                           deadline=time.time() + settings.ab_deadline_s)
-            running = test if arun(settings, ab_tests.start, test) else arun(settings, ab_tests.active)
+            if arun(settings, ab_tests.start, test):
+                arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
+                running = test
+            else:
+                running = arun(settings, ab_tests.active)
             # Another candidate's test runs (only one at a time): this one is not tested. Its own test running
             # already means this stage was redelivered after starting it.
             status = "ab_test" if running is not None and running.candidate == version else "rejected"

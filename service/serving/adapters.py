@@ -29,7 +29,7 @@ from service.engine.engine import Engine
 from service.engine.lora import AdapterError, LoraAdapter
 from service.engine.model import BaseModel
 from service.errors import APIError
-from service.store import registry
+from service.store import ab_tests, registry
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,24 @@ class AdapterManager:
             self._swap(version)
         return version
 
+    async def preload_candidate(self) -> None:
+        """Load the running A/B test's candidate before anyone asks for it: its test needs it on every replica,
+        and a promotion after the test is then a pointer flip here, with no merge on the swap's path."""
+        test = await ab_tests.active(self.redis)
+        if test is None or test.candidate in (BASE, self.production):
+            return
+        meta = await registry.metadata(self.redis, test.candidate)
+        if meta is None:
+            return
+        self._last_used[test.candidate] = time.monotonic()
+        with contextlib.suppress(AdapterUnavailable):  # logged and retried like any load; production is unharmed
+            await self._load(test.candidate, meta)
+
+    async def sync(self) -> None:
+        """Production, then the candidate that may replace it."""
+        await self.sync_production()
+        await self.preload_candidate()
+
     def _swap(self, version: str) -> None:
         previous, self.production = self.production, version
         self.swaps += 1
@@ -228,7 +246,7 @@ async def follow_promotions(manager: AdapterManager, redis: Redis, resync_s: flo
         pubsub = redis.pubsub()
         try:
             await pubsub.subscribe(registry.CHANNEL)
-            await manager.sync_production()
+            await manager.sync()
             await _listen(manager, pubsub, resync_s)
         except asyncio.CancelledError:
             raise
@@ -250,13 +268,13 @@ async def _listen(manager: AdapterManager, pubsub: PubSub, resync_s: float) -> N
         if message is not None and message["type"] == "pong":
             pong_due = False
         elif message is not None and message["type"] == "message":
-            await manager.sync_production()
+            await manager.sync()
         now = time.monotonic()
         if now >= next_resync:
             if pong_due:
                 raise ConnectionError("no PONG on the adapter subscription since the last resync")
             await pubsub.ping()
             pong_due, next_resync = True, now + resync_s
-            await manager.sync_production()
+            await manager.sync()
         elif (retry := manager.retry_at()) is not None and now >= retry:
             await manager.sync_production()

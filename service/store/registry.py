@@ -12,7 +12,7 @@ API replica to swap; promotion and rollback check the production they expect (co
     chatloop:adapter:seq           counter behind new version names (v0001, v0002, ...)
     chatloop:adapter:production    the production version ('base' or unset: no adapter)
     chatloop:adapter:history       list (newest first) of promotions: {version, previous, at, reason, rollback}
-    chatloop:adapter:events        pub/sub channel: {"event": "promoted", "version": ...}
+    chatloop:adapter:events        pub/sub channel: {"event": "promoted" | "candidate", "version": ...}
 
 Retention: production, every version the history names and the candidate of the running A/B test are kept;
 of the other (never promoted) versions, the newest `keep_candidates`; registering a version deletes the rest.
@@ -228,6 +228,12 @@ async def promote(redis: Redis, version: str, reason: str = "", expected: str | 
     if status == -3:
         raise PromotionConflict(f"production is {current}, not {expected}", current)
     return current
+
+
+async def announce(redis: Redis, version: str) -> None:
+    """Tell every replica to load `version` before it is promoted (the candidate of an A/B test), so that its
+    promotion is a pointer flip on replicas that have it merged already."""
+    await redis.publish(CHANNEL, json.dumps({"event": "candidate", "version": version}))
 
 
 async def rollback(redis: Redis, expected: str | None = None) -> str:

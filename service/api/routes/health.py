@@ -3,6 +3,7 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from common.models import BASE
 from service.api.deps import StateDep
 
 router = APIRouter(tags=["health"])
@@ -23,6 +24,7 @@ async def readyz(state: StateDep) -> JSONResponse:
                 "production_adapter": state.adapters.production,
                 # set while the registry's production cannot be loaded here (production_adapter is the last good)
                 "adapter_error": state.adapters.load_error,
+                "loaded_adapters": sorted(a for a in engine.adapters if a != BASE),
                 "active_sequences": engine.active_sequences(),
                 "decode_steps": engine.steps,
             }

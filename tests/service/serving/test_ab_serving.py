@@ -64,3 +64,36 @@ def test_comparison_requests_meet_the_candidate_blind(tiny_model_dir, tmp_path, 
     assert [e.blind for e in votes] == [True, False]
     winner = votes[0].answers[0]
     assert winner.adapter in (test.production, test.candidate) and winner.temperature == 1.0
+
+
+def test_replicas_merge_the_candidate_as_its_test_starts(tiny_model_dir, tmp_path, redis_url, adapters):
+    """Announced with its test, the candidate is merged on every replica before anyone asks for it (the resync
+    is an hour away here, so only the announcement can explain it); its promotion is then a pointer flip."""
+    env = tiny_server_env(tiny_model_dir, tmp_path, redis_url) | {"CHATLOOP_ADAPTER_RESYNC_S": "3600"}
+
+    async def scenario(url: str) -> None:
+        def ready() -> dict:
+            return httpx.get(f"{url}/readyz").json()
+
+        async def until(check, timeout_s: float = 30) -> dict:
+            deadline = time.monotonic() + timeout_s
+            while not check(state := ready()):
+                assert time.monotonic() < deadline, state
+                await asyncio.sleep(0.05)
+            return state
+
+        client = Redis.from_url(redis_url, decode_responses=True)
+        production, candidate = [await registry.register_dir(client, path) for path in adapters]
+        await registry.promote(client, production)
+        await until(lambda s: s["production_adapter"] == production)
+        await ab_tests.start(client, ABTest(candidate=candidate, production=production, run_id="r1",
+                                            started=time.time(), deadline=time.time() + 3600))
+        await asyncio.sleep(1.0)
+        assert candidate not in ready()["loaded_adapters"]  # a test alone tells the replica nothing yet
+        await registry.announce(client, candidate)
+        state = await until(lambda s: candidate in s["loaded_adapters"])
+        assert state["production_adapter"] == production  # loaded beside production, not swapped to
+        await client.aclose()
+
+    with running_server(env, tmp_path / "server.log") as url:
+        asyncio.run(scenario(url))
