@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from service.api import metrics
 from service.api.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from service.engine.engine import Engine
-from service.engine.requests import Delta, EngineBusy, EngineError, GenerationRequest, SamplingParams
+from service.engine.requests import Delta, EngineBusy, EngineError, GenerationRequest, SamplingParams, TokenLogprob
 from service.errors import APIError, error_body
 from service.serving.arena import MergedRequest
 from service.settings import Settings
@@ -97,9 +97,12 @@ def prepare(
             400, f"max_tokens={limit} plus the {len(prompt_ids)}-token prompt exceeds the {max_context}-token "
             f"context (at most {room} here)", "max_tokens", "context_length_exceeded",
         )
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = SamplingParams(
         max_tokens=limit or min(settings.default_max_tokens, room), temperature=body.temperature,
         top_p=body.top_p, stop=tuple(body.stop), seed=body.seed,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     return Prepared(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, adapter=adapter,
@@ -139,9 +142,27 @@ def submit(engine: Engine, prepared: Prepared) -> GenerationRequest | MergedRequ
                        headers={"Retry-After": str(exc.retry_after_s)}) from exc
 
 
-def logged_choices(texts: list[str], finish: list[str | None], adapters: list[str] | None) -> list[LoggedChoice]:
+NO_LOGPROB = -9999.0  # what OpenAI reports for a token that could not be sampled (JSON has no -inf)
+
+
+def logprob_entries(tokens: list[TokenLogprob]) -> list[dict]:
+    """The engine's token log-probabilities as OpenAI's `logprobs.content` entries."""
+
+    def one(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": max(logprob, NO_LOGPROB), "bytes": list(token.encode())}
+
+    return [one(t.token, t.logprob) | {"top_logprobs": [one(*alt) for alt in t.top]} for t in tokens]
+
+
+def logged_choices(
+    texts: list[str], finish: list[str | None], adapters: list[str] | None,
+    logprobs: list[list[TokenLogprob]] | None = None,
+) -> list[LoggedChoice]:
+    """What the completion log keeps of each choice: with logprobs asked for, the sampled tokens' log-probabilities
+    too (the behaviour policy's, for training on served answers)."""
     return [
-        LoggedChoice(index=i, text=t, finish_reason=f, adapter=adapters[i] if adapters else None)
+        LoggedChoice(index=i, text=t, finish_reason=f, adapter=adapters[i] if adapters else None,
+                     logprobs=[max(x.logprob, NO_LOGPROB) for x in logprobs[i]] if logprobs is not None else None)
         for i, (t, f) in enumerate(zip(texts, finish, strict=True))
     ]
 
@@ -149,6 +170,7 @@ def logged_choices(texts: list[str], finish: list[str | None], adapters: list[st
 async def complete(request: GenerationRequest | MergedRequest, prepared: Prepared, on_done: OnDone) -> ChatCompletion:
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
+    logprobs: list[list[TokenLogprob]] | None = None if prepared.params.logprobs is None else [[] for _ in texts]
     tokens = 0
     timing = Timing(prepared.arrived)
     try:
@@ -156,18 +178,21 @@ async def complete(request: GenerationRequest | MergedRequest, prepared: Prepare
             if delta.text:
                 timing.text()
             texts[delta.index] += delta.text
+            if logprobs is not None and delta.logprobs:
+                logprobs[delta.index] += delta.logprobs
             if delta.finish_reason:
                 finish[delta.index] = delta.finish_reason
                 tokens += delta.completion_tokens
     except EngineError as exc:
         raise APIError(500, f"generation failed: {exc}") from exc
     timing.done(tokens)
-    await on_done(logged_choices(texts, finish, prepared.choice_adapters))
+    await on_done(logged_choices(texts, finish, prepared.choice_adapters, logprobs))
     prompt = len(prepared.prompt_ids)
     return ChatCompletion(
         id=prepared.id, created=prepared.created, model=prepared.model, system_fingerprint=prepared.adapter,
         choices=[
-            Choice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+            Choice(index=i, message=AssistantMessage(content=t), finish_reason=f,
+                   logprobs={"content": logprob_entries(logprobs[i])} if logprobs is not None else None)
             for i, (t, f) in enumerate(zip(texts, finish, strict=True))
         ],
         usage=Usage(prompt_tokens=prompt, completion_tokens=tokens, total_tokens=prompt + tokens),
@@ -186,8 +211,9 @@ class ChunkFormat:
         self.head = head
         self.prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
 
-    def content(self, index: int, text: str) -> str:
-        return (f'{self.prefix}{index},"delta":{{"content":{json.dumps(text)}}},"logprobs":null,'
+    def content(self, index: int, text: str, logprobs: list[TokenLogprob] | None = None) -> str:
+        scores = "null" if logprobs is None else json.dumps({"content": logprob_entries(logprobs), "refusal": None})
+        return (f'{self.prefix}{index},"delta":{{"content":{json.dumps(text)}}},"logprobs":{scores},'
                 f'"finish_reason":null}}]}}\n\n')
 
     def chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> str:
@@ -217,6 +243,7 @@ async def stream_chunks(
     tokens = 0
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
+    logprobs: list[list[TokenLogprob]] | None = None if prepared.params.logprobs is None else [[] for _ in texts]
     timing = Timing(prepared.arrived)
     metrics.ACTIVE_STREAMS.inc()
     try:
@@ -227,7 +254,10 @@ async def stream_chunks(
                 if delta.text:
                     timing.text()
                     texts[delta.index] += delta.text
-                    out.append(chunks.content(delta.index, delta.text))
+                if delta.text or delta.logprobs:  # tokens whose text is held back come with the text they make
+                    if logprobs is not None:
+                        logprobs[delta.index] += delta.logprobs or []
+                    out.append(chunks.content(delta.index, delta.text, delta.logprobs))
                 if delta.finish_reason:
                     tokens += delta.completion_tokens
                     finish[delta.index] = delta.finish_reason
@@ -236,7 +266,7 @@ async def stream_chunks(
                 yield "".join(out)
         # Logged before [DONE]: a client that saw the end of the stream can rate the answer at once.
         timing.done(tokens)
-        await on_done(logged_choices(texts, finish, prepared.choice_adapters))
+        await on_done(logged_choices(texts, finish, prepared.choice_adapters, logprobs))
         tail = []
         if include_usage:
             prompt = len(prepared.prompt_ids)

@@ -14,6 +14,8 @@ from service.api import unsupported
 from service.api.unsupported import Metadata, refuse_unless
 from service.settings import Settings
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
 Role = Literal["system", "developer", "user", "assistant"]
 
 
@@ -94,11 +96,12 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     parallel_tool_calls: bool | None = None  # without tools, nothing to parallelise
     modalities: unsupported.Modalities = None
+    # Each sampled token's log-probability, and up to 20 most likely alternatives (needs logprobs: true).
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Not supported (yet): refused unless they ask for nothing.
     presence_penalty: unsupported.Penalty = None
     frequency_penalty: unsupported.Penalty = None
-    logprobs: unsupported.Logprobs = None
-    top_logprobs: unsupported.TopLogprobs = None
     logit_bias: unsupported.LogitBias = None
     response_format: unsupported.ResponseFormat = None
     tools: unsupported.Tools = None
@@ -143,11 +146,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str  # the token decoded on its own
+    logprob: float  # -9999.0 for a token the sampler could not pick (outside the top_p nucleus), as OpenAI does
+    bytes: list[int] | None  # the UTF-8 bytes of `token`
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

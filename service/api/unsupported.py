@@ -68,7 +68,6 @@ NO_TOOLS = "tool calls (tools, functions)"
 Tools = Empty(NO_TOOLS)
 # Without tools, "none" and "auto" both mean what chatloop does: answer in text. Any other choice needs a tool.
 ToolChoice = Annotated[Literal["none", "auto"] | None, refuse_unless(lambda v: v in (None, "none", "auto"), NO_TOOLS)]
-Logprobs = Annotated[Literal[False] | None, refuse_unless(lambda v: v is not True, "logprobs")]
 TopLogprobs = Annotated[Literal[0] | None, refuse_unless(_zero, "top_logprobs")]
 LogitBias = Annotated[Annotated[dict[str, int], Field(max_length=0)] | None, refuse_unless(_empty, "logit_bias")]
 Penalty = Annotated[Annotated[float, Field(ge=0, le=0)] | None,

@@ -31,8 +31,8 @@ from service.engine.forward import Forward, make_forward
 from service.engine.model import BaseModel
 from service.engine.prefill import Cohort, plan_cohorts
 from service.engine.prefix_cache import PrefixCache
-from service.engine.requests import Delta, EngineBusy, GenerationRequest, Limits
-from service.engine.sampling import sample
+from service.engine.requests import Delta, EngineBusy, GenerationRequest, Limits, TokenLogprob
+from service.engine.sampling import logprobs, sample
 from service.engine.threads import ThreadTuner
 from service.settings import get_settings
 
@@ -51,6 +51,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled since the last delta, when asked for
 
 
 class Engine:
@@ -326,9 +327,12 @@ class Engine:
         """Pick the next token of every row, stream its text, and drop rows that finished."""
         tokens = sample(logits, rows.temperature, rows.top_p, [s.generator for s in rows.seqs], exact)  # (B,)
         rows.last = tokens
+        token_logprobs = self._logprobs(rows, logits, tokens)
         keep = []
         for row, (seq, token) in enumerate(zip(rows.seqs, tokens.tolist(), strict=True)):
             seq.tokens.append(token)
+            if row in token_logprobs and token not in self.eos:
+                seq.logprobs.append(token_logprobs[row])
             finish = None
             if token in self.eos:
                 finish, text = "stop", seq.detok.flush()
@@ -343,13 +347,33 @@ class Engine:
                     finish, text = "length", text + seq.detok.flush()
             if text or finish:
                 count = len(seq.tokens) - (token in self.eos)
-                self._outbox.append((seq.request, Delta(seq.index, text, finish, count)))
+                asked = seq.request.params.logprobs is not None
+                delta = Delta(seq.index, text, finish, count, seq.logprobs if asked else None)
+                self._outbox.append((seq.request, delta))
+                seq.logprobs = []
             if finish is None:
                 keep.append(row)
             else:
                 self._remember(rows, row, seq)
         if len(keep) < len(rows.seqs):
             rows.keep(keep)
+
+    def _logprobs(self, rows: Rows, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """The sampled tokens' log-probabilities, for the rows whose request asked for them (none: no work)."""
+        asked = [(row, k) for row, s in enumerate(rows.seqs) if (k := s.request.params.logprobs) is not None]
+        if not asked:
+            return {}
+        index = torch.tensor([row for row, _ in asked])
+        top = max(k for _, k in asked)
+        chosen, values, ids = logprobs(logits[index], rows.temperature[index], rows.top_p[index], tokens[index],
+                                       max(top, 1))
+        decode = self.tokenizer.decode
+        out = {}
+        for i, (row, k) in enumerate(asked):
+            best = zip(ids[i, :k].tolist(), values[i, :k].tolist(), strict=True)
+            out[row] = TokenLogprob(decode([int(tokens[row])]), float(chosen[i]),
+                                    tuple((decode([t]), v) for t, v in best))
+        return out
 
     def _remember(self, rows: Rows, row: int, seq: _Sequence) -> None:
         """Keep a finished answer's keys and values: the next turn of its conversation starts with it."""

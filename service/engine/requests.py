@@ -19,6 +19,16 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each sampled token's log-probability and the k most likely
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token (decoded on its own), its log-probability, and the most likely tokens' (best first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Delta:
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the last delta, when asked for
 
 
 class EngineError(RuntimeError):

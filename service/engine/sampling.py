@@ -93,3 +93,26 @@ def sample(
     u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device) * cdf[:, -1]  # (B,)
     drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     return torch.where(greedy_rows, greedy, drawn) if any_greedy else drawn
+
+
+def logprobs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, tokens: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the distribution each row's token was drawn from: the logits divided by the
+    temperature, renormalised over the top_p nucleus (-inf outside it). A greedy row (temperature 0) reports
+    the model's own distribution (temperature 1, no top_p), as a greedy answer's behaviour has no other.
+
+    logits: (R, V); temperature, top_p, tokens: (R,). Returns the tokens' log-probabilities (R,) and the `top`
+    most likely tokens' log-probabilities and ids, (R, top) each, best first. Only rows that asked run this.
+    """
+    greedy = temperature == 0
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    top_p = torch.where(greedy, torch.ones_like(top_p), top_p)
+    out = torch.log_softmax(logits.float() / scale[:, None], dim=-1)  # (R, V)
+    nucleus_rows = (top_p < 1).nonzero().squeeze(-1)
+    if len(nucleus_rows):
+        kept = _nucleus(out[nucleus_rows].exp(), top_p[nucleus_rows])
+        out[nucleus_rows] = (kept / kept.sum(dim=-1, keepdim=True)).log()
+    chosen = out.gather(1, tokens[:, None]).squeeze(1)
+    best = out.topk(top, dim=-1)
+    return chosen, best.values, best.indices

@@ -16,6 +16,7 @@ class LoggedChoice(BaseModel):
     text: str
     finish_reason: str | None
     adapter: str | None = None  # set when choices came from different versions (the arena)
+    logprobs: list[float] | None = None  # the sampled tokens' log-probabilities, when the request asked for them
 
 
 class CompletionRecord(BaseModel):

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 import redis
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.server import running_server, tiny_server_env
 
@@ -119,6 +121,46 @@ def test_stop_strings(client):
     assert choice.finish_reason == "stop" and choice.message.content == text[: text.index(stop)]
 
 
+def test_logprobs_match_the_model_recomputed(client, tiny_model_dir, redis_url):
+    """Greedy: each token's log-probability and its top alternatives are the model's own distribution, recomputed
+    here with transformers; streamed they are the same; the completion log keeps the sampled ones."""
+    completion = greedy(client, model="chatloop-base", max_tokens=8, logprobs=True, top_logprobs=3)
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens
+    assert "".join(t.token for t in content) == completion.choices[0].message.content
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+    for entry in content:
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        best = logprobs.topk(3)
+        token = next(int(t) for t in best.indices if tokenizer.decode([int(t)]) == entry.token)
+        assert entry.logprob == pytest.approx(float(logprobs[token]), abs=1e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert entry.top_logprobs[0].token == tokenizer.decode([int(best.indices[0])])
+        assert entry.bytes == list(entry.token.encode())
+        ids.append(token)
+
+    streamed = greedy(client, model="chatloop-base", max_tokens=8, logprobs=True, top_logprobs=3, stream=True)
+    tokens = [t for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for t in chunk.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in tokens] == [(t.token, round(t.logprob, 4)) for t in content]
+    logged = json.loads(redis.Redis.from_url(redis_url).get(f"chatloop:completion:{completion.id}"))
+    assert logged["choices"][0]["logprobs"] == pytest.approx([t.logprob for t in content])
+
+
+def test_sampled_logprobs_come_from_the_nucleus_sampled_from(client):
+    completion = greedy(client, temperature=0.8, top_p=0.5, max_tokens=12, logprobs=True, n=2, seed=5)
+    for choice in completion.choices:
+        assert choice.logprobs.content and all(t.top_logprobs == [] for t in choice.logprobs.content)
+        # drawn from inside its top_p nucleus: a finite log-probability (outside it would be -9999.0)
+        assert all(-9999.0 < t.logprob <= 0 for t in choice.logprobs.content)
+    plain = greedy(client, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
 def test_base_and_adapter_are_different_policies(client):
     base = greedy(client, model="chatloop-base")
     tuned = greedy(client, model="v1")
@@ -205,7 +247,8 @@ BAD_REQUESTS = [
     ({"messages": MESSAGES, "stop": 7}, 400, "stop"),
     ({"messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"messages": MESSAGES, "frequency_penalty": -1}, 400, "frequency_penalty"),
-    ({"messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": MESSAGES, "top_logprobs": 3}, 400, "top_logprobs"),  # needs logprobs: true
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ({"messages": MESSAGES, "model": "gpt-17"}, 404, "model"),
 ]

@@ -18,8 +18,6 @@ CHAT_UNSUPPORTED = [
     ("response_format", {"type": "json_object"}, "response_format"),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
      "response_format"),
-    ("logprobs", True, "logprobs"),
-    ("top_logprobs", 5, "top_logprobs"),
     ("logit_bias", {"1234": 5}, "logit_bias"),
     ("presence_penalty", 0.5, "presence_penalty"),
     ("frequency_penalty", -1, "frequency_penalty"),
@@ -131,5 +129,5 @@ def test_schema_states_what_validation_refuses(server):
     chat = schema["ChatCompletionRequest"]
     assert chat["additionalProperties"] is False and schema["ChatMessage"]["additionalProperties"] is False
     assert chat["properties"]["prediction"]["type"] == "null"  # the one value it accepts
-    assert chat["properties"]["logprobs"]["anyOf"] == [{"const": False, "type": "boolean"}, {"type": "null"}]
+    assert chat["properties"]["top_logprobs"]["anyOf"][0] == {"maximum": 20, "minimum": 0, "type": "integer"}
     assert schema["ResponsesRequest"]["additionalProperties"] is False

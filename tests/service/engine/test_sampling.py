@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from service.engine.sampling import sample, top_p_filter
@@ -81,3 +84,24 @@ def test_top_p_filter_equals_a_full_sort_on_wide_and_peaked_rows():
     expected = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(before >= top_p[:, None], 0))
     expected = expected / expected.sum(-1, keepdim=True)
     assert torch.allclose(top_p_filter(probs, top_p), expected, atol=1e-6)
+
+
+def test_logprobs_are_those_of_the_distribution_sampled_from():
+    from service.engine.sampling import logprobs
+
+    logits = torch.tensor([[2.0, 1.0, 0.0]] * 4)
+    temperature = torch.tensor([1.0, 2.0, 2.0, 0.0])
+    top_p = torch.tensor([1.0, 1.0, 0.7, 0.5])
+    chosen, values, ids = logprobs(logits, temperature, top_p, torch.tensor([1, 1, 1, 0]), top=3)
+    z1 = math.exp(2) + math.exp(1) + 1  # T = 1: softmax of (2, 1, 0)
+    z2 = math.exp(1) + math.exp(0.5) + 1  # T = 2: softmax of (1, 0.5, 0) = (0.506, 0.307, 0.186)
+    nucleus = math.exp(1) + math.exp(0.5)  # top_p 0.7 keeps the first two (0.813 of the mass)
+    assert chosen.tolist() == pytest.approx(
+        [1 - math.log(z1), 0.5 - math.log(z2), 0.5 - math.log(nucleus), 2 - math.log(z1)], abs=1e-5)
+    assert ids.tolist() == [[0, 1, 2]] * 4
+    assert values.tolist() == [
+        pytest.approx([2 - math.log(z1), 1 - math.log(z1), -math.log(z1)], abs=1e-5),
+        pytest.approx([1 - math.log(z2), 0.5 - math.log(z2), -math.log(z2)], abs=1e-5),
+        [pytest.approx(1 - math.log(nucleus), abs=1e-5), pytest.approx(0.5 - math.log(nucleus), abs=1e-5), -math.inf],
+        pytest.approx([2 - math.log(z1), 1 - math.log(z1), -math.log(z1)], abs=1e-5),  # greedy: the model's own
+    ]
