@@ -182,6 +182,7 @@ def judge_reward_models(reward_models: dict[str, Path], records: list[dict], bas
     by_id = {r["id"]: r for r in records}
     judged = []
     for run_id, directory in reward_models.items():
+        log.info("judging run %s's reward model on %d base answers", run_id, sum(map(len, answers.texts)))
         metrics = by_id[run_id].get("reward_metrics") or {}
         predicted = reward_scores(RewardModel.load(directory), base, tokenizer, answers)
         judged.append({

@@ -7,7 +7,9 @@ base (k1, nats per answer, on the policy's own samples), mean answer length in t
 of answers that end with EOS rather than at the length limit.
 """
 
+import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from rlhf.config import EvalConfig, LoraSettings
 from rlhf.evaluate import answer_policy
 from rlhf.modeling import load_base, peft_config
 from rlhf.ppo import RewardFn
+
+log = logging.getLogger(__name__)
 
 
 def preference_reward(name: str, eos_ids: set[int]) -> RewardFn:
@@ -56,7 +60,11 @@ def evaluate_policies(
     conversations = [[{"role": "user", "content": p}] for p in prompts for _ in range(samples)]
     results = {}
     for name in [None, *adapters]:
+        started = time.monotonic()
+        log.info("evaluating %s: %d answers", name or "base", len(conversations))
         stats = answer_policy(model, name, tokenizer, conversations, reward, config)
+        log.info("evaluated %s in %.0f s: score %.3f", name or "base", time.monotonic() - started,
+                 stats["score"].mean().item())
         results[name or "base"] = {
             "scores": [round(x, 4) for x in stats["score"].tolist()],  # answer j of prompt i at i * samples + j
             "score": stats["score"].mean().item(),
