@@ -337,7 +337,10 @@ def outcomes(result: dict) -> str:
                        *([x["error"]] if x.get("error") else [])]
             why += [reason for reason in reasons if reason not in why]
     users = result.get("users") or {}
-    return (f"- {result['name']} ({result['date']}; {result['elapsed_s'] / 60:.1f} min of learning, "
+    load = result.get("load") or {}
+    loads = (f"; load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
+             if load.get("start") and load.get("end") else "")
+    return (f"- {result['name']} ({result['date']}{loads}; {result['elapsed_s'] / 60:.1f} min of learning, "
             f"{users.get('feedback_events', '?')} feedback events; {result['policies']['base']['n']} held-out "
             f"answers per policy): {len(result['runs'])} training run(s)"
             + (": " + ", ".join(f"{n} {status}" for status, n in statuses.items()) if statuses else "")
