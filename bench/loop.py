@@ -283,6 +283,7 @@ def main() -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     for algorithm, preference, seed in args.runs:
         result = run_variant(algorithm, preference, seed, config, base_model)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)  # again: an hour of results must not die on a removed folder
         path = RESULTS_DIR / f"loop-{result['name']}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=str))
