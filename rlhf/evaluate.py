@@ -4,7 +4,7 @@ Both policies answer the same prompts (sampled at the PPO temperature). Reported
 reward-model score, KL to the reference (k1, nats per answer), mean answer length and the fraction
 of answers that end in EOS; and the candidate's reward-model win rate against the current policy.
 The gate accepts only a candidate that scores better, stays within the KL budget and has not
-collapsed in length or stopped finishing its answers (RLHF_NOTES: reward hacking looks like that).
+collapsed in length or stopped finishing its answers (that is what reward hacking looks like).
 """
 
 import contextlib
