@@ -265,10 +265,12 @@ async def _listen(manager: AdapterManager, pubsub: PubSub, resync_s: float) -> N
     while True:
         wake = min(next_resync, manager.retry_at() or next_resync)
         message = await pubsub.get_message(timeout=max(0.0, wake - time.monotonic()))
-        if message is not None and message["type"] == "pong":
+        if message is not None:
+            # Anything received proves the connection alive: a half-open one delivers nothing. (Not the type "pong"
+            # alone: redis-py 8 can hand a subscription's PONG back as {'type': 'P', 'channel': 'O', 'data': 'N'}.)
             pong_due = False
-        elif message is not None and message["type"] == "message":
-            await manager.sync()
+            if message["type"] == "message":
+                await manager.sync()
         now = time.monotonic()
         if now >= next_resync:
             if pong_due:
