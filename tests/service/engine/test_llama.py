@@ -125,5 +125,10 @@ def test_lean_forward_matches_transformers_on_smollm2(tmp_path_factory):
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     theirs = reference_logits(bf16, prompts, steps)
     for got, their, exact in zip(lean_logits(bf16, prompts, steps), theirs, expected, strict=True):
-        assert (got - exact).abs().max() <= 1.5 * (their - exact).abs().max()
-        assert (got.argmax(-1) == exact.argmax(-1)).all()
+        error = (their - exact).abs().max()  # what bf16 itself costs, in transformers' own forward
+        assert (got - exact).abs().max() <= 1.5 * error
+        # The same best token wherever bf16 could not have swapped it: a top two closer than the error (0.02 apart
+        # here, against an error of ~0.6) is a coin toss that depends on the CPU's bf16 kernels.
+        best = exact.topk(2, dim=-1).values
+        clear = best[:, 0] - best[:, 1] > 2 * error
+        assert (got.argmax(-1) == exact.argmax(-1))[clear].all()
