@@ -22,12 +22,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
 from common.models import BASE, eos_token_ids
 from service.engine.batch import Rows
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.forward import Forward, make_forward
+from service.engine.grammar import Grammars, Masks
 from service.engine.model import BaseModel
 from service.engine.prefill import Cohort, plan_cohorts
 from service.engine.prefix_cache import PrefixCache
@@ -52,6 +54,7 @@ class _Sequence:
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
     logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled since the last delta, when asked for
+    matcher: llguidance.LLMatcher | None = None  # the request's grammar, where it has one (grammar.py)
 
 
 class Engine:
@@ -67,6 +70,8 @@ class Engine:
         self._base_forward = base.forward or make_forward(base.model)
         self._forwards: dict[str, Forward] = {BASE: self._base_forward}
         self.prefixes = PrefixCache(self.limits.prefix_cache_mb * 2**20)
+        self.grammars = Grammars(self.tokenizer)
+        self._masks: Masks | None = None  # made on the first constrained step
         self._groups: dict[int, Rows] = {}  # forward serial -> the rows decoding with it
         self._prefilling: list[Cohort] = []  # prompts part-way through a chunked prefill, oldest first
         self._inbox: queue.Queue[GenerationRequest | None] = queue.Queue()
@@ -302,11 +307,13 @@ class Engine:
 
     def _sequence(self, request: GenerationRequest, index: int) -> _Sequence:
         seed = request.params.seed + index if request.params.seed is not None else next(self._seed)
+        grammar = request.params.grammar
         return _Sequence(
             request=request,
             index=index,
             detok=IncrementalDetokenizer(self.tokenizer, list(request.params.stop)),
             generator=torch.Generator().manual_seed(seed),
+            matcher=grammar.matcher() if grammar is not None else None,
         )
 
     def _decode(self, serial: int) -> None:
@@ -325,6 +332,7 @@ class Engine:
 
     def _sample_and_emit(self, rows: Rows, logits: torch.Tensor, exact=None) -> None:
         """Pick the next token of every row, stream its text, and drop rows that finished."""
+        self._constrain(rows, logits)
         tokens = sample(logits, rows.temperature, rows.top_p, [s.generator for s in rows.seqs], exact)  # (B,)
         rows.last = tokens
         token_logprobs = self._logprobs(rows, logits, tokens)
@@ -334,8 +342,14 @@ class Engine:
             if row in token_logprobs and token not in self.eos:
                 seq.logprobs.append(token_logprobs[row])
             finish = None
+            if seq.matcher is not None and (seq.matcher.is_error() or not seq.matcher.consume_token(token)):
+                self._outbox.append((seq.request, RuntimeError(f"the grammar failed: {seq.matcher.get_error()}")))
+                seq.request.cancel()  # its other choices end with it
+                continue
             if token in self.eos:
                 finish, text = "stop", seq.detok.flush()
+            elif seq.matcher is not None and seq.matcher.is_stopped():  # complete: only EOS could follow
+                finish, text = "stop", seq.detok.push(token) + seq.detok.flush()
             else:
                 text = seq.detok.push(token)
                 generated = len(seq.tokens)
@@ -357,6 +371,16 @@ class Engine:
                 self._remember(rows, row, seq)
         if len(keep) < len(rows.seqs):
             rows.keep(keep)
+
+    def _constrain(self, rows: Rows, logits: torch.Tensor) -> None:
+        """Mask the logits of the rows that follow a grammar. A row whose grammar failed (past llguidance's
+        limits) is left unmasked: `_sample_and_emit` ends its request with the error and drops the row."""
+        matchers = {row: s.matcher for row, s in enumerate(rows.seqs) if s.matcher is not None}
+        live = {row: m for row, m in matchers.items() if not m.is_error()}
+        if live:
+            if self._masks is None:
+                self._masks = Masks(self.grammars.lltok.vocab_size)
+            self._masks.apply(logits, list(live), list(live.values()))
 
     def _logprobs(self, rows: Rows, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
         """The sampled tokens' log-probabilities, for the rows whose request asked for them (none: no work)."""

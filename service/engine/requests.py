@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from common.models import BASE
 from service.engine.forward import Forward
+from service.engine.grammar import Grammar
 from service.settings import Settings
 
 
@@ -20,6 +21,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: each sampled token's log-probability and the k most likely
+    grammar: Grammar | None = None  # constrains the answer (structured outputs, tool calls): grammar.py
 
 
 @dataclass(frozen=True)

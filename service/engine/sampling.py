@@ -52,8 +52,10 @@ def rescore_greedy(
     of the bf16 hidden state and the token's bf16 weights, as an fp32 head would give.
     """
     hidden, head = exact  # (B, hidden), (V, hidden)
-    candidates = weights[rows].topk(min(RESCORED, weights.shape[-1]), dim=-1).indices  # (R, k)
+    best = weights[rows].topk(min(RESCORED, weights.shape[-1]), dim=-1)  # (R, k)
+    candidates = best.indices
     scores = torch.einsum("rd,rkd->rk", hidden[rows].float(), head[candidates].float())  # (R, k)
+    scores.masked_fill_(best.values == float("-inf"), float("-inf"))  # masked by a grammar: never a candidate
     greedy[rows] = candidates.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
