@@ -4,6 +4,10 @@ line, in TRL's conversational forms.
 Pairs (reward model, DPO):  {"prompt": [messages], "chosen": [{"role": "assistant", "content": ...}], "rejected": [...]}
 Thumbs (KTO, pointwise):    {"prompt": [messages], "completion": [{"role": "assistant", "content": ...}], "label": true}
 
+An answer that is tool calls is written as TRL writes one, {"role": "assistant", "content": "", "tool_calls":
+[{"type": "function", "function": {"name": ..., "arguments": {...}}}]}, and a tool's result as {"role": "tool",
+"content": ...} (common/tool_text.py); reading turns them back into the text the model wrote and saw, exactly.
+
 Records may carry more keys (provenance: which answers, which adapters, who voted, when); readers ignore all of
 them but `created`. Every record of one kind that the service writes has the same keys, so a JSONL loader that
 infers its columns from the first lines reads the whole file.
@@ -18,21 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from common.conversations import Messages, conversation_id
+from common.tool_text import as_message, as_text
 
 
 def assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
+    return [as_message({"role": "assistant", "content": text})]
+
+
+def structured(prompt: Messages) -> list[dict]:
+    return [as_message(message) for message in prompt]
 
 
 def pair_record(prompt: Messages, chosen: str, rejected: str, **provenance) -> dict:
-    return {"prompt": prompt, "chosen": assistant(chosen), "rejected": assistant(rejected), **provenance}
+    return {"prompt": structured(prompt), "chosen": assistant(chosen), "rejected": assistant(rejected), **provenance}
 
 
 def thumb_record(prompt: Messages, answer: str, label: bool, **provenance) -> dict:
-    return {"prompt": prompt, "completion": assistant(answer), "label": label, **provenance}
+    return {"prompt": structured(prompt), "completion": assistant(answer), "label": label, **provenance}
 
 
 def is_pair(record: dict) -> bool:
@@ -81,11 +90,33 @@ class Thumb:
         return [self.answer]
 
 
+class _Function(BaseModel):
+    name: Annotated[str, Field(min_length=1)]
+    arguments: dict | str
+
+
+class _ToolCall(BaseModel):
+    type: Literal["function"] = "function"
+    function: _Function
+    id: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Annotated[str, Field(min_length=1)]
-    content: str
+    content: str | None = None  # null or absent only beside tool_calls
+    tool_calls: Annotated[list[_ToolCall], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _said_something(self) -> "Message":
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs content or tool_calls")
+        return self
+
+    def text(self) -> dict:
+        """Role and content in the text form the model sees (tool calls and results written out)."""
+        return as_text(self.model_dump(exclude_none=True))
 
 
 class _AssistantTurn(Message):
@@ -140,13 +171,15 @@ def parse_record(data: object) -> Pair | Thumb:
     record_id = hashlib.sha256(canonical.encode()).hexdigest()[:32]
     if "chosen" in data or "rejected" in data:
         pair = _PairLine.model_validate(data)
-        prompt = [m.model_dump() for m in pair.prompt]
+        prompt = [m.text() for m in pair.prompt]
         origins = (_origin(data, "chosen_"), _origin(data, "rejected_"))
-        return Pair(prompt, pair.chosen[0].content, pair.rejected[0].content, pair.created, record_id, origins)
+        chosen, rejected = pair.chosen[0].text()["content"], pair.rejected[0].text()["content"]
+        return Pair(prompt, chosen, rejected, pair.created, record_id, origins)
     if "completion" in data or "label" in data:
         thumb = _ThumbLine.model_validate(data)
-        prompt = [m.model_dump() for m in thumb.prompt]
-        return Thumb(prompt, thumb.completion[0].content, thumb.label, thumb.created, record_id, _origin(data))
+        prompt = [m.text() for m in thumb.prompt]
+        return Thumb(prompt, thumb.completion[0].text()["content"], thumb.label, thumb.created, record_id,
+                     _origin(data))
     raise ValueError("neither a pair (prompt, chosen, rejected) nor a thumb (prompt, completion, label)")
 
 

@@ -12,18 +12,30 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from service.api import metrics
-from service.api.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from service.api import metrics, tool_calls
+from service.api.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    FunctionCall,
+    ToolCall,
+    Usage,
+)
 from service.engine.engine import Engine
+from service.engine.grammar import ANY_JSON_OBJECT, Grammar, GrammarError, Grammars
 from service.engine.requests import Delta, EngineBusy, EngineError, GenerationRequest, SamplingParams, TokenLogprob
 from service.errors import APIError, error_body
 from service.serving.arena import MergedRequest
 from service.settings import Settings
 from service.store.completion_log import LoggedChoice
+
+ToolMode = Literal["auto", "forced"]
 
 
 @dataclass
@@ -41,6 +53,8 @@ class Prepared:
     arrived: float = 0.0  # time.perf_counter() when the request was prepared
     choice_adapters: list[str] | None = None  # the arena: choice i is answered by version i
     owner: str | None = None  # the caller, for the engine's per-caller limits
+    tool_calls: ToolMode | None = None  # the answer may be tool calls: "auto" (or prose), "forced" (only calls)
+    tool_names: frozenset[str] | None = None  # the functions a call may name
 
 
 class Timing:
@@ -64,7 +78,53 @@ OnDone = Callable[[list[LoggedChoice]], Awaitable[None]]
 
 
 def normalise_messages(body: ChatCompletionRequest) -> list[dict]:
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    """The conversation as the chat template sees it: plain role and content, tool calls and results written in
+    the model's text form (tool_calls.py), and the tools the model may call described in the system message."""
+    messages = tool_calls.render_messages([
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+         "tool_calls": [c.model_dump() for c in m.tool_calls or []], "tool_call_id": m.tool_call_id}
+        for m in body.messages
+    ])
+    if body.tools and body.tool_choice != "none":
+        tools = tool_calls.tools_system_text([t.model_dump(exclude_none=True) for t in body.tools])
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{tools}"}
+        else:
+            messages.insert(0, {"role": "system", "content": tools})
+    return messages
+
+
+def constraint(body: ChatCompletionRequest, grammars: Grammars) -> tuple[Grammar | None, ToolMode | None]:
+    """The grammar the answer must follow (structured outputs, forced tool calls) and whether it may be tool calls.
+    Compiling is CPU work of up to ~1 s for a large schema: this runs in prepare's worker thread."""
+    choice = body.tool_choice
+    if choice is not None and not body.tools and choice != "none":
+        raise APIError(400, "tool_choice needs tools", "tool_choice")
+    if body.tools and choice != "none":
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, "response_format together with tools is not supported yet: send one or the other "
+                                "(or tool_choice: none)", "response_format")
+        if body.logprobs:
+            raise APIError(400, "logprobs together with tools is not supported yet", "logprobs")
+        if choice in (None, "auto"):
+            return None, "auto"
+        name = None if choice == "required" else choice.function.name
+        if name is not None and name not in {t.function.name for t in body.tools}:
+            raise APIError(400, f"tool_choice names '{name}', which is not among the tools", "tool_choice")
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        try:
+            grammar = tool_calls.call_grammar(tools, name or choice, body.parallel_tool_calls is not False)
+            return grammars.lark(grammar), "forced"
+        except ValueError as exc:  # GrammarError too
+            raise APIError(400, f"the tools cannot constrain an answer: {exc}", "tools") from exc
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None, None
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else ANY_JSON_OBJECT
+    try:
+        return grammars.json_schema(schema), None
+    except GrammarError as exc:
+        raise APIError(400, f"the JSON schema cannot be compiled: {exc}", "response_format.json_schema.schema") from exc
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
@@ -77,7 +137,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> l
 
 def prepare(
     body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
-    max_context: int, owner: str | None = None,
+    max_context: int, owner: str | None = None, grammars: Grammars | None = None,
 ) -> Prepared:
     if body.n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n}", "n")
@@ -99,25 +159,27 @@ def prepare(
         )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    grammar, tool_mode = constraint(body, grammars or Grammars(tokenizer))
     params = SamplingParams(
         max_tokens=limit or min(settings.default_max_tokens, room), temperature=body.temperature,
         top_p=body.top_p, stop=tuple(body.stop), seed=body.seed,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None, grammar=grammar,
     )
     return Prepared(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, adapter=adapter,
         messages=messages, prompt_ids=prompt_ids, params=params, n=body.n, arrived=time.perf_counter(),
-        owner=owner,
+        owner=owner, tool_calls=tool_mode,
+        tool_names=frozenset(t.function.name for t in body.tools) if tool_mode else None,
     )
 
 
 async def prepare_async(
     body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
-    max_context: int, owner: str | None = None,
+    max_context: int, owner: str | None = None, grammars: Grammars | None = None,
 ) -> Prepared:
     """`prepare` in a worker thread; the arrival time is taken before it, so TTFT includes it."""
     arrived = time.perf_counter()
-    prepared = await asyncio.to_thread(prepare, body, adapter, tokenizer, settings, max_context, owner)
+    prepared = await asyncio.to_thread(prepare, body, adapter, tokenizer, settings, max_context, owner, grammars)
     prepared.arrived = arrived
     return prepared
 
@@ -167,6 +229,22 @@ def logged_choices(
     ]
 
 
+def answer_message(text: str, finish: str | None, prepared: Prepared) -> tuple[AssistantMessage, str | None]:
+    """A whole choice as OpenAI's message: tool calls where the request allowed them and the text is calls (read
+    as the stream reads them: a forced answer cut short at max_tokens keeps its calls, the last as far as it got)."""
+    calls = None
+    if prepared.tool_calls:
+        stream = tool_calls.CallStream(strict=prepared.tool_calls == "forced", names=prepared.tool_names)
+        stream.push(text)
+        stream.finish()
+        calls = stream.calls
+    if not calls:
+        return AssistantMessage(content=text), finish
+    made = [ToolCall(id=tool_calls.new_call_id(), function=FunctionCall(name=name, arguments=arguments))
+            for name, arguments in calls]
+    return AssistantMessage(content=None, tool_calls=made), "tool_calls" if finish == "stop" else finish
+
+
 async def complete(request: GenerationRequest | MergedRequest, prepared: Prepared, on_done: OnDone) -> ChatCompletion:
     texts = [""] * prepared.n
     finish: list[str | None] = [None] * prepared.n
@@ -186,14 +264,15 @@ async def complete(request: GenerationRequest | MergedRequest, prepared: Prepare
     except EngineError as exc:
         raise APIError(500, f"generation failed: {exc}") from exc
     timing.done(tokens)
-    await on_done(logged_choices(texts, finish, prepared.choice_adapters, logprobs))
+    answers = [answer_message(t, f, prepared) for t, f in zip(texts, finish, strict=True)]
+    await on_done(logged_choices(texts, [f for _, f in answers], prepared.choice_adapters, logprobs))
     prompt = len(prepared.prompt_ids)
     return ChatCompletion(
         id=prepared.id, created=prepared.created, model=prepared.model, system_fingerprint=prepared.adapter,
         choices=[
-            Choice(index=i, message=AssistantMessage(content=t), finish_reason=f,
+            Choice(index=i, message=message, finish_reason=f,
                    logprobs={"content": logprob_entries(logprobs[i])} if logprobs is not None else None)
-            for i, (t, f) in enumerate(zip(texts, finish, strict=True))
+            for i, (message, f) in enumerate(answers)
         ],
         usage=Usage(prompt_tokens=prompt, completion_tokens=tokens, total_tokens=prompt + tokens),
     )
@@ -219,6 +298,38 @@ class ChunkFormat:
     def chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return _sse({**self.head, "choices": [choice]})
+
+
+class ChoiceStream:
+    """One choice's SSE chunks when it may be tool calls: its text goes through a tool_calls.CallStream, and the
+    calls leave as OpenAI streams them (the id and name first, then the arguments in pieces)."""
+
+    def __init__(self, chunks: ChunkFormat, index: int, prepared: Prepared) -> None:
+        self.chunks, self.index = chunks, index
+        self.calls = tool_calls.CallStream(strict=prepared.tool_calls == "forced", names=prepared.tool_names)
+
+    def push(self, text: str) -> list[str]:
+        return self._chunks(self.calls.push(text))
+
+    def finish(self, reason: str) -> tuple[list[str], str]:
+        """The last chunks, and the choice's finish_reason: "tool_calls" where it ended after calls."""
+        out = self._chunks(self.calls.finish())
+        reason = "tool_calls" if self.calls.calls and reason == "stop" else reason
+        return [*out, self.chunks.chunk(self.index, {}, reason)], reason
+
+    def _chunks(self, events: list) -> list[str]:
+        out = []
+        for event in events:
+            if isinstance(event, tool_calls.Content):
+                out.append(self.chunks.content(self.index, event.text))
+            elif isinstance(event, tool_calls.CallStart):
+                call = {"index": event.index, "id": tool_calls.new_call_id(), "type": "function",
+                        "function": {"name": event.name, "arguments": ""}}
+                out.append(self.chunks.chunk(self.index, {"tool_calls": [call]}))
+            else:
+                call = {"index": event.index, "function": {"arguments": event.fragment}}
+                out.append(self.chunks.chunk(self.index, {"tool_calls": [call]}))
+        return out
 
 
 async def _steps(request: GenerationRequest | MergedRequest) -> AsyncIterator[list[Delta]]:
@@ -248,20 +359,27 @@ async def stream_chunks(
     metrics.ACTIVE_STREAMS.inc()
     try:
         yield "".join(chunks.chunk(i, {"role": "assistant", "content": ""}) for i in range(prepared.n))
+        calls = [ChoiceStream(chunks, i, prepared) for i in range(prepared.n)] if prepared.tool_calls else None
         async for batch in _steps(request):
             out = []
             for delta in batch:
                 if delta.text:
                     timing.text()
                     texts[delta.index] += delta.text
-                if delta.text or delta.logprobs:  # tokens whose text is held back come with the text they make
+                if calls is not None:
+                    out += calls[delta.index].push(delta.text) if delta.text else []
+                elif delta.text or delta.logprobs:  # tokens whose text is held back come with the text they make
                     if logprobs is not None:
                         logprobs[delta.index] += delta.logprobs or []
                     out.append(chunks.content(delta.index, delta.text, delta.logprobs))
                 if delta.finish_reason:
                     tokens += delta.completion_tokens
                     finish[delta.index] = delta.finish_reason
-                    out.append(chunks.chunk(delta.index, {}, delta.finish_reason))
+                    if calls is not None:
+                        last, finish[delta.index] = calls[delta.index].finish(delta.finish_reason)
+                        out += last
+                    else:
+                        out.append(chunks.chunk(delta.index, {}, delta.finish_reason))
             if out:
                 yield "".join(out)
         # Logged before [DONE]: a client that saw the end of the stream can rate the answer at once.

@@ -8,7 +8,7 @@ model).
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from service.api import unsupported
 from service.api.unsupported import Metadata, refuse_unless
@@ -39,23 +39,115 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """One message; unknown fields are refused, and the tool-call ones are refused unless empty."""
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=65536)]  # a JSON object, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made, in a conversation sent back (or in an answer)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Annotated[Role, refuse_unless(lambda v: v not in ("tool", "function"), "tool results (tool messages)")]
-    content: str | list[TextPart]
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One message; unknown fields are refused. An assistant message may carry the tool calls it made (then its
+    content may be null), a tool message the result of one (`tool_call_id` names the call)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Annotated[Role | Literal["tool"], refuse_unless(lambda v: v != "function",
+                                                          "function messages (use tool messages)")]
+    content: str | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None  # accepted and ignored: the chat template has no place
     refusal: unsupported.Null("refusal") = None
-    tool_calls: unsupported.Tools = None
-    function_call: unsupported.Null(unsupported.NO_TOOLS) = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    function_call: unsupported.Null("function_call (deprecated: use tool_calls)") = None
     audio: unsupported.Null("audio") = None
 
+    @model_validator(mode="after")
+    def _shape(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    parameters: dict | None = None  # a JSON schema for the arguments object; none: no arguments
+    strict: bool | None = None  # the arguments always match `parameters`, strict or not (README, API)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: Annotated[dict, Field(alias="schema")] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None  # the answer always matches the schema, strict or not (README, API)
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
 
 
 class StreamOptions(BaseModel):
@@ -94,7 +186,6 @@ class ChatCompletionRequest(BaseModel):
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None
     prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    parallel_tool_calls: bool | None = None  # without tools, nothing to parallelise
     modalities: unsupported.Modalities = None
     # Each sampled token's log-probability, and up to 20 most likely alternatives (needs logprobs: true).
     logprobs: bool | None = None
@@ -103,11 +194,12 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: unsupported.Penalty = None
     frequency_penalty: unsupported.Penalty = None
     logit_bias: unsupported.LogitBias = None
-    response_format: unsupported.ResponseFormat = None
-    tools: unsupported.Tools = None
-    tool_choice: unsupported.ToolChoice = None
-    functions: unsupported.Tools = None
-    function_call: unsupported.ToolChoice = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # default true, as OpenAI's
+    functions: unsupported.Null("functions (deprecated: use tools)") = None
+    function_call: unsupported.Null("function_call (deprecated: use tool_choice)") = None
     audio: unsupported.Null("audio output") = None
     prediction: unsupported.Null("predicted outputs") = None
     reasoning_effort: unsupported.Null("reasoning_effort (the model does not reason)") = None
@@ -143,7 +235,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

@@ -53,3 +53,47 @@ def test_provenance_is_read_where_present_and_of_the_right_type():
     thumb = parse_record({"prompt": PROMPT, "completion": [{"role": "assistant", "content": "c"}], "label": True,
                           "adapter": "base", "finish_reason": "length", "temperature": True})
     assert thumb.origin == Origin("base", "length", None, None)  # a bool is not a temperature
+
+
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city":"Paris"}}</tool_call>'
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "# Tools\n..."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": CALL},
+    {"role": "tool", "content": '<tool_response>\n{"sky": "clear"}\n</tool_response>'},
+    {"role": "user", "content": "And in Rome, and the time?"},
+]
+TWO_CALLS = CALL.replace("Paris", "Rome") + '\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+
+
+def test_tool_calls_are_exported_in_trls_form_and_read_back_as_the_text_the_model_wrote():
+    record = pair_record(TOOL_CONVERSATION, TWO_CALLS, "I do not know.")
+    assert record["chosen"] == [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+        {"type": "function", "function": {"name": "get_time", "arguments": {}}},
+    ]}]
+    assert record["rejected"] == [{"role": "assistant", "content": "I do not know."}]
+    assert record["prompt"][2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert record["prompt"][3] == {"role": "tool", "content": '{"sky": "clear"}'}
+    pair = parse_record(json.loads(json.dumps(record)))
+    assert (pair.prompt, pair.chosen, pair.rejected) == (TOOL_CONVERSATION, TWO_CALLS, "I do not know.")
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',  # not the compact form
+    CALL + " and some prose",
+    '<tool_call>{"name": "get_weather", "arguments": {"city":"Par',  # cut off
+])
+def test_a_call_not_written_as_the_model_writes_one_stays_text(text):
+    record = pair_record([{"role": "user", "content": "Hi"}], text, "no")
+    assert record["chosen"] == [{"role": "assistant", "content": text}]
+    assert parse_record(record).chosen == text
+
+
+def test_a_tool_call_written_by_hand_is_read_as_text():
+    hand = {"prompt": [{"role": "user", "content": "Hi"}], "label": True, "completion": [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]}
+    assert parse_record(hand).answer == '<tool_call>{"name": "f", "arguments": {"a":1}}</tool_call>'
+    with pytest.raises(ValueError):
+        parse_record({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "x"}],
+                      "label": True})

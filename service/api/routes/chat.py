@@ -43,7 +43,8 @@ async def chat_completions(
     # Validate (template, tokenise: off the event loop) before loading any adapter a request names: a bad
     # request must cost no merge. The caller's identity goes with it, for the engine's per-caller limits.
     prepared = await completions.prepare_async(body, adapter, state.base.tokenizer, state.settings,
-                                               state.engine.max_context, owner=caller.limiter_id)
+                                               state.engine.max_context, owner=caller.limiter_id,
+                                               grammars=state.engine.grammars)
     for version in pair or [adapter]:
         await state.adapters.ensure_loaded(version)
     prepared.choice_adapters = pair

@@ -30,7 +30,8 @@ async def create_response(
     chat = body.chat_request()
     try:
         prepared = await completions.prepare_async(
-            chat, adapter, state.base.tokenizer, state.settings, state.engine.max_context, owner=caller.limiter_id)
+            chat, adapter, state.base.tokenizer, state.settings, state.engine.max_context, owner=caller.limiter_id,
+            grammars=state.engine.grammars)
     except APIError as exc:  # named in the chat request's terms: say them in this one's
         exc.param = CHAT_PARAMS.get(exc.param, exc.param)
         raise

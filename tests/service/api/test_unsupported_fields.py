@@ -7,17 +7,12 @@ import pytest
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+# Structured outputs and tool calls are honoured: tests/service/api/test_structured_outputs.py.
 
 # (field, value, param): the chat completions fields chatloop does not support yet, each at a value that asks for it.
 CHAT_UNSUPPORTED = [
-    ("tools", [TOOL], "tools"),
-    ("tool_choice", "required", "tool_choice"),
-    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}, "tool_choice"),
     ("functions", [TOOL["function"]], "functions"),
     ("function_call", {"name": "get_weather"}, "function_call"),
-    ("response_format", {"type": "json_object"}, "response_format"),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
-     "response_format"),
     ("logit_bias", {"1234": 5}, "logit_bias"),
     ("presence_penalty", 0.5, "presence_penalty"),
     ("frequency_penalty", -1, "frequency_penalty"),
@@ -29,9 +24,7 @@ CHAT_UNSUPPORTED = [
     ("web_search_options", {}, "web_search_options"),
     ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}],
      "messages.0.content"),
-    ("messages", [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}],
-     "messages.0.tool_calls"),
-    ("messages", [{"role": "tool", "content": "42", "tool_call_id": "1"}], "messages.0.role"),
+    ("messages", [{"role": "function", "content": "42", "name": "f"}], "messages.0.role"),
 ]
 
 # The same for the Responses API.
@@ -105,9 +98,16 @@ def test_unknown_fields_are_refused_by_name(client, server):
     ({"metadata": {"k": "v" * 513}}, "metadata.k"),
     ({"user": "u" * 257}, "user"),
     ({"prompt_cache_retention": "forever"}, "prompt_cache_retention"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}]},
+     "messages.0.tool_calls.0.function"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces allowed"}}]}, "tools.0.function.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format.json_schema.schema"),
 ])
 def test_out_of_range_values_name_their_field(client, fields, param):
-    error = refused(client.chat.completions.create, model="chatloop", messages=MESSAGES, max_tokens=2, **fields)
+    error = refused(client.chat.completions.create, **{"model": "chatloop", "messages": MESSAGES, "max_tokens": 2,
+                                                       **fields})
     assert error["param"] == param, error
 
 
