@@ -82,7 +82,7 @@ def normalise_messages(body: ChatCompletionRequest) -> list[dict]:
     the model's text form (tool_calls.py), and the tools the model may call described in the system message."""
     messages = tool_calls.render_messages([
         {"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-         "tool_calls": [c.model_dump() for c in m.tool_calls or []], "tool_call_id": m.tool_call_id}
+         "tool_calls": [c.model_dump() for c in getattr(m, "tool_calls", None) or []]}
         for m in body.messages
     ])
     if body.tools and body.tool_choice != "none":

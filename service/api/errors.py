@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.schemas import MESSAGE_ROLES
 from service.api.unsupported import UNSUPPORTED
 from service.errors import APIError, error_body
 
@@ -36,13 +37,21 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _without_role_tags(loc: tuple) -> tuple:
+    """pydantic puts the message's role (the union's tag) after its index: messages.0.user.content; the field is
+    messages.0.content."""
+    return tuple(p for i, p in enumerate(loc) if not (p in MESSAGE_ROLES and i and isinstance(loc[i - 1], int)))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     # A union reports every member's complaint; "should be a valid list" about a string says nothing, so a
     # field chatloop does not support says so first, then a complaint about the value itself.
     first = next((e for e in errors if e.get("type") == UNSUPPORTED),
                  next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0]))
-    loc = tuple(p for p in first.get("loc", ()) if p != "body")
+    loc = _without_role_tags(tuple(p for p in first.get("loc", ()) if p != "body"))
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # a message of no known role
+        loc = (*loc, "role")
     param = _param(loc)
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None

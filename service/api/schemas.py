@@ -8,7 +8,7 @@ model).
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from service.api import unsupported
 from service.api.unsupported import Metadata, refuse_unless
@@ -59,38 +59,55 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    """One message; unknown fields are refused. An assistant message may carry the tool calls it made (then its
-    content may be null), a tool message the result of one (`tool_call_id` names the call)."""
+class _Message(BaseModel):
+    """What every message may carry; unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Annotated[Role | Literal["tool"], refuse_unless(lambda v: v != "function",
-                                                          "function messages (use tool messages)")]
-    content: str | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None  # accepted and ignored: the chat template has no place
     refusal: unsupported.Null("refusal") = None
-    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
-    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     function_call: unsupported.Null("function_call (deprecated: use tool_calls)") = None
     audio: unsupported.Null("audio") = None
 
-    @model_validator(mode="after")
-    def _shape(self) -> "ChatMessage":
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
-        if self.content is None and not self.tool_calls:
-            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
-        return self
-
     def text(self) -> str:
-        if self.content is None:
+        content = getattr(self, "content", None)
+        if content is None:
             return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        if isinstance(content, str):
+            return content
+        return "".join(part.text for part in content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: str | list[TextPart]
+
+
+class AssistantTurn(_Message):
+    """An earlier answer; with the tool calls it made, its content may be null or absent."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
+
+
+class ToolMessage(_Message):
+    """The result of a call; `tool_call_id` names the call."""
+
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+# One model per role, told apart by `role`: /openapi.json then states what each role may carry, and a message of
+# an unknown role (a deprecated "function" message among them) is refused naming messages.<i>.role.
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
 
 
 class FunctionDefinition(BaseModel):

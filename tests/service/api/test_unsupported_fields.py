@@ -24,7 +24,6 @@ CHAT_UNSUPPORTED = [
     ("web_search_options", {}, "web_search_options"),
     ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}],
      "messages.0.content"),
-    ("messages", [{"role": "function", "content": "42", "name": "f"}], "messages.0.role"),
 ]
 
 # The same for the Responses API.
@@ -100,7 +99,9 @@ def test_unknown_fields_are_refused_by_name(client, server):
     ({"prompt_cache_retention": "forever"}, "prompt_cache_retention"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}]},
      "messages.0.tool_calls.0.function"),
-    ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "42", "tool_call_id": "c1"}]}, "messages.0.tool_call_id"),
+    ({"messages": [{"role": "function", "content": "42", "name": "f"}]}, "messages.0.role"),  # deprecated: tool
     ({"tools": [{"type": "function", "function": {"name": "no spaces allowed"}}]}, "tools.0.function.name"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
      "response_format.json_schema.schema"),
@@ -127,7 +128,8 @@ def test_harmless_fields_are_accepted(client):
 def test_schema_states_what_validation_refuses(server):
     schema = httpx.get(f"{server}/openapi.json").json()["components"]["schemas"]
     chat = schema["ChatCompletionRequest"]
-    assert chat["additionalProperties"] is False and schema["ChatMessage"]["additionalProperties"] is False
+    roles = ("SystemMessage", "UserMessage", "AssistantTurn", "ToolMessage")
+    assert chat["additionalProperties"] is False and all(schema[m]["additionalProperties"] is False for m in roles)
     assert chat["properties"]["prediction"]["type"] == "null"  # the one value it accepts
     assert chat["properties"]["top_logprobs"]["anyOf"][0] == {"maximum": 20, "minimum": 0, "type": "integer"}
     assert schema["ResponsesRequest"]["additionalProperties"] is False
