@@ -99,24 +99,48 @@ def backoff_s(recent: list[dict], settings: Settings, now: float) -> float:
     return max(0.0, recent[0].get("finished", recent[0].get("created", now)) + delay - now)
 
 
+def enter_ab(settings: Settings, version: str, parent: str, run_id: str) -> str:
+    """Put a candidate that passed the offline checks into the online A/B test against the production it was
+    trained from; returns its run's status. There is one test at a time: a running test whose evidence cannot
+    decide yet is superseded by the newer candidate (trained on more feedback, from the same production), and its
+    run ends "superseded" with the evidence it had, so an undecided test never holds up what the users taught
+    since. A candidate whose parent is no longer production (a test promoted meanwhile) is "superseded" too."""
+    test = ABTest(candidate=version, production=parent, run_id=run_id, started=time.time(),
+                  deadline=time.time() + settings.ab_deadline_s)
+    for _ in range(3):  # each retry follows a test that ended or was replaced between two reads
+        running = arun(settings, ab_tests.active)
+        if running is not None and running.candidate == version:  # a redelivered stage: its test runs already
+            return "ab_test"
+        ab = settle_ab(settings) if running is not None else None  # decided now, if its evidence allows
+        if arun(settings, registry.production) != parent:
+            return "superseded"
+        if ab is None or ab["status"] != "ab_test":
+            started = arun(settings, ab_tests.start, test)
+        elif started := arun(settings, ab_tests.replace, running.candidate, test):
+            runs.update_run(runs.client(settings), running.run_id, status="superseded", finished=time.time(),
+                            ab={**ab, "reason": f"superseded by {version} before the evidence decided"})
+        if started:
+            arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
+            return "ab_test"
+    return "rejected"
+
+
 @app.task(name="chatloop.maybe_retrain")
 def maybe_retrain() -> dict:
-    """Beat's check: decide the A/B test if one runs and can be decided, else start a run when enough feedback
-    arrived."""
+    """Beat's check: decide the A/B test if one runs and can be decided; start a run when enough feedback
+    arrived (also while a test runs: its candidate, if the test is still undecided, gives way to the next)."""
     settings = get_settings()
     ab = settle_ab(settings)
-    if ab is not None and ab["status"] == "ab_test":
-        return {"run_id": None, "reason": f"a candidate is in an A/B test ({ab['votes']} votes)", "ab": ab}
     r = runs.client(settings)
     lost = mark_lost_runs(r)
     wait = backoff_s(runs.recent_runs(r), settings, time.time())
     if wait > 0:
-        return {"run_id": None, "reason": f"the last run failed: waiting {wait:.0f} s more", "lost": lost}
+        return {"run_id": None, "reason": f"the last run failed: waiting {wait:.0f} s more", "lost": lost, "ab": ab}
     new = arun(settings, feedback_store.stats).get("new_since_training", 0)
     if new < settings.min_new_feedback:
-        return {"run_id": None, "reason": f"{new} new feedback events, {settings.min_new_feedback} needed"}
+        return {"run_id": None, "reason": f"{new} new feedback events, {settings.min_new_feedback} needed", "ab": ab}
     run_id = start_pipeline(app, settings, trigger="schedule")
-    return {"run_id": run_id, "reason": f"{new} new feedback events" if run_id else "a run is in progress"}
+    return {"run_id": run_id, "reason": f"{new} new feedback events" if run_id else "a run is in progress", "ab": ab}
 
 
 @app.task(bind=True, name="chatloop.train_reward")
@@ -188,16 +212,7 @@ def promote(self, run_id: str) -> str:
         if not evaluation["accepted"]:
             status = "rejected"
         elif settings.ab_share > 0:
-            test = ABTest(candidate=version, production=s.run["parent"], run_id=run_id, started=time.time(),
-                          deadline=time.time() + settings.ab_deadline_s)
-            if arun(settings, ab_tests.start, test):
-                arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
-                running = test
-            else:
-                running = arun(settings, ab_tests.active)
-            # Another candidate's test runs (only one at a time): this one is not tested. Its own test running
-            # already means this stage was redelivered after starting it.
-            status = "ab_test" if running is not None and running.candidate == version else "rejected"
+            status = enter_ab(settings, version, s.run["parent"], run_id)
         else:
             try:
                 arun(settings, registry.promote, version, f"run {run_id}: passed the offline gate", s.run["parent"])

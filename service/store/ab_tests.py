@@ -19,6 +19,14 @@ return 0
 """
 
 
+# KEYS: active; ARGV: the candidate expected to be under test, the new test's JSON. Replace only that test.
+_REPLACE = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['candidate'] == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+
 async def start(redis: Redis, test: ABTest) -> bool:
     """Start a test unless one runs already; True if this one started."""
     return bool(await redis.set(ACTIVE, json.dumps(test.to_dict()), nx=True))
@@ -27,6 +35,11 @@ async def start(redis: Redis, test: ABTest) -> bool:
 async def active(redis: Redis) -> ABTest | None:
     raw = await redis.get(ACTIVE)
     return ABTest.from_dict(json.loads(raw)) if raw else None
+
+
+async def replace(redis: Redis, candidate: str, test: ABTest) -> bool:
+    """Put `test` in place of the running test of `candidate`; False if that is not the one running."""
+    return bool(await redis.eval(_REPLACE, 1, ACTIVE, candidate, json.dumps(test.to_dict())))
 
 
 async def finish(redis: Redis, candidate: str) -> bool:

@@ -10,7 +10,7 @@ from service.feedback.ab import ABTest
 from service.feedback.events import AnswerRef, FeedbackEvent
 from service.settings import Settings
 from service.store import ab_tests, feedback_store, redis_keys, registry, runs
-from workers.tasks import settle_ab
+from workers.tasks import enter_ab, settle_ab
 
 
 def settings_for(redis_url: str, **overrides) -> Settings:
@@ -43,6 +43,14 @@ async def votes(redis_url: str, test: ABTest, wins: list[bool], blind: bool = Tr
             preferred=pair.index(test.candidate if candidate_won else test.production), blind=blind,
         ))
     await client.aclose()
+
+
+async def active(redis_url: str) -> ABTest | None:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return await ab_tests.active(client)
+    finally:
+        await client.aclose()
 
 
 def status(redis_url: str) -> str:
@@ -110,3 +118,50 @@ def test_a_rollback_during_the_test_wins(redis_url, redis_sync, tiny_adapter_dir
     asyncio.run(operator_rolls_back())
     assert settle_ab(settings)["status"] == "rejected"  # production is not what the candidate was tested against
     assert redis_sync.get(registry.PRODUCTION) != test.candidate
+
+
+def register(redis_url: str, adapter_dir) -> str:
+    async def run() -> str:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return await registry.register_dir(client, adapter_dir)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_newer_candidate_supersedes_an_undecided_test(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True, False, True]))  # too few to decide
+    newer = register(redis_url, tiny_adapter_dir)
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_test"
+    running = asyncio.run(active(redis_url))
+    assert running.candidate == newer and running.production == test.production and running.run_id == "run2"
+    old = runs.get_run(runs.client(settings), "run1")
+    assert old["status"] == "superseded" and old["ab"]["votes"] == 3 and "superseded by" in old["ab"]["reason"]
+    assert redis_sync.get(registry.PRODUCTION) == test.production
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_test"  # a redelivered stage changes nothing
+    assert asyncio.run(active(redis_url)).started == running.started
+
+
+def test_a_test_the_evidence_decides_is_decided_before_a_newer_candidate_arrives(redis_url, redis_sync,
+                                                                                    tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True] * 12))
+    newer = register(redis_url, tiny_adapter_dir)
+    # The running candidate wins first; the newer one was trained from the old production, so it is not tested.
+    assert enter_ab(settings, newer, test.production, "run2") == "superseded"
+    assert redis_sync.get(registry.PRODUCTION) == test.candidate and status(redis_url) == "promoted"
+    assert asyncio.run(active(redis_url)) is None
+
+
+def test_a_candidate_after_a_rejected_test_gets_its_own(redis_url, redis_sync, tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [False] * 12))
+    newer = register(redis_url, tiny_adapter_dir)
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_test"
+    assert status(redis_url) == "rejected" and asyncio.run(active(redis_url)).candidate == newer
