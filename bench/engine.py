@@ -49,6 +49,21 @@ def random_adapter(base: BaseModel) -> LoraAdapter:
         return LoraAdapter.from_dir(Path(tmp))
 
 
+def bench_engine(data_dir: Path, ask: str = "") -> tuple[BaseModel, Engine, list[list[int]]]:
+    """The default base serving the random adapter as ADAPTER, and PROMPTS (each followed by `ask`) templated and
+    tokenised: what bench/engine.py and bench/structured.py measure."""
+    base = load_base_model(Settings(data_dir=data_dir))
+    engine = Engine(base, max_batch_size=32, max_context=2048)
+    engine.add_adapter(ADAPTER, base.with_adapter(random_adapter(base)))
+    tok = base.tokenizer
+    prompts = [
+        tok(tok.apply_chat_template([{"role": "user", "content": f"{p}{ask}"}], add_generation_prompt=True,
+                                    tokenize=False), add_special_tokens=False)["input_ids"]
+        for p in PROMPTS
+    ]
+    return base, engine, prompts
+
+
 async def one(engine: Engine, prompt_ids: list[int], seed: int, top_p: float) -> tuple[float, float, int]:
     """(time to first text, time from first text to the end, tokens) of one request."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=top_p, seed=seed)
@@ -89,15 +104,7 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("service").setLevel(logging.INFO)  # e.g. the engine changing its thread count
 
-    base = load_base_model(Settings(data_dir=args.data_dir))
-    engine = Engine(base, max_batch_size=32, max_context=2048)
-    engine.add_adapter(ADAPTER, base.with_adapter(random_adapter(base)))
-    tok = base.tokenizer
-    prompts = [
-        tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False)["input_ids"]
-        for p in PROMPTS
-    ]
+    base, engine, prompts = bench_engine(args.data_dir)
 
     async def run_levels() -> list[dict[str, float]]:
         await level(engine, prompts, 2)  # warm-up: first-call allocations and kernel choices

@@ -38,6 +38,7 @@ ten times longer; `--torch-threads 1` keeps it steady.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import importlib
 import importlib.metadata
@@ -112,42 +113,46 @@ def answer_tokens(tok: Any) -> list[list[int]]:
     return [[*tok.encode(t, add_special_tokens=False), tok.eos_token_id] for t in texts]
 
 
-class Engine:
-    """One grammar engine behind the few calls the benchmark makes."""
+class Engine(abc.ABC):
+    """One grammar engine behind the few calls the benchmark makes; each engine below implements them all."""
 
     name = ""
     module = ""
     pip = ""
     parallel = False
 
+    @abc.abstractmethod
     def load(self) -> None:
         """Import the engine (ImportError if it is not there)."""
 
     def version(self) -> str:
         return importlib.metadata.version(self.module.replace("_", "-"))
 
+    @abc.abstractmethod
     def setup(self, tok: Any) -> None:
         """Build the engine's one-off view of the tokenizer."""
 
+    @abc.abstractmethod
     def compile(self, schema: dict) -> None:
         """Compile the schema; `matchers` then gives fresh matchers for it."""
 
-    def matchers(self, n: int) -> list:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def matchers(self, n: int) -> list: ...
 
+    @abc.abstractmethod
     def fill(self, matchers: list, bitmask: torch.Tensor) -> None:
         """Fill row i of the bitmask for matchers[i], one matcher after the other."""
-        raise NotImplementedError
 
     def fill_par(self, matchers: list, bitmask: torch.Tensor) -> None:
-        """Fill the bitmask with the engine's own parallel call (only where `parallel`)."""
-        raise NotImplementedError
+        """Fill the bitmask with the engine's own parallel call; an engine without one (`parallel` False) fills
+        sequentially, and the benchmark does not time it twice."""
+        self.fill(matchers, bitmask)
 
-    def advance(self, matcher: Any, token: int) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def advance(self, matcher: Any, token: int) -> bool: ...
 
-    def done(self, matcher: Any) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def done(self, matcher: Any) -> bool: ...
 
     def reset(self, matcher: Any) -> None:
         matcher.reset()

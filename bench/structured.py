@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from bench.engine import ADAPTER, PROMPTS, random_adapter
+from bench.engine import ADAPTER, bench_engine
 from service.engine.engine import Engine
 from service.engine.grammar import Grammar
-from service.engine.model import load_base_model
 from service.engine.requests import GenerationRequest, SamplingParams
 from service.settings import Settings
 
@@ -79,15 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
 
-    base = load_base_model(Settings(data_dir=args.data_dir))
-    engine = Engine(base, max_batch_size=32, max_context=2048)
-    engine.add_adapter(ADAPTER, base.with_adapter(random_adapter(base)))
-    tok = base.tokenizer
-    prompts = [
-        tok(tok.apply_chat_template([{"role": "user", "content": f"{p} Answer in JSON."}], add_generation_prompt=True,
-                                    tokenize=False), add_special_tokens=False)["input_ids"]
-        for p in PROMPTS
-    ]
+    base, engine, prompts = bench_engine(args.data_dir, ask=" Answer in JSON.")
     started = time.perf_counter()
     grammar = engine.grammars.json_schema(SCHEMA)
     compile_ms = 1000 * (time.perf_counter() - started)

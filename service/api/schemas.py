@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from service.api import unsupported
-from service.api.unsupported import Metadata, refuse_unless
+from service.api.unsupported import Metadata, TextFormat, refuse_unless
 from service.settings import Settings
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
@@ -146,11 +146,6 @@ class JSONSchemaFormat(BaseModel):
     description: str | None = None
     schema_: Annotated[dict, Field(alias="schema")] = Field(default_factory=lambda: {"type": "object"})
     strict: bool | None = None  # the answer always matches the schema, strict or not (README, API)
-
-
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
 
 
 class JSONObjectFormat(BaseModel):

@@ -11,7 +11,6 @@ from service.engine.engine import Engine
 from service.engine.grammar import GrammarError, Grammars, Masks
 from service.engine.model import load_base_model
 from service.engine.requests import GenerationRequest, SamplingParams
-from service.settings import Settings
 
 SCHEMA = {
     "type": "object",
@@ -26,10 +25,9 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def base(tiny_model_dir, tmp_path_factory):
-    return load_base_model(Settings(base_model=tiny_model_dir, data_dir=tmp_path_factory.mktemp("data"),
-                                    dtype="float32", device="cpu", max_context=512))
+@pytest.fixture
+def base(tiny_settings):
+    return load_base_model(tiny_settings)
 
 
 @pytest.fixture
