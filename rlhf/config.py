@@ -97,6 +97,10 @@ class PPOConfig:
     # model ordered held-out pairs at 0.62-0.67 where a vote is the user's own verdict: so most of a run goes to
     # served answers.
     served_batch: int = 256
+    # Fresh samples are scored by the reward model, so they are worth their cost only when it orders held-out pairs
+    # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a
+    # 95 % lower bound at or below this trains on those answers alone (0: always sample fresh too).
+    min_reward_accuracy: float = 0.5
     seed: int = 0
     precision: Precision = "bf16"
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -27,7 +27,7 @@ from rlhf.evaluate import compare_policies, gate, load_policies
 from rlhf.modeling import load_base
 from rlhf.offline import train_offline
 from rlhf.ppo import PPOTrainer
-from rlhf.reward import META_FILE, RewardModel, train_reward_model
+from rlhf.reward import META_FILE, RewardModel, read_meta, train_reward_model
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 STATS_FILE = "ppo_stats.json"
@@ -55,6 +55,16 @@ def train_reward(
 
 def reward_data_path(reward_dir: Path) -> Path:
     return Path(json.loads((reward_dir / META_FILE).read_text())["metadata"]["data"])
+
+
+def ppo_iterations(config: PPOConfig, served: int, reward_metrics: dict) -> int:
+    """Iterations of a PPO run: all of config.iterations, or the served answers' one alone when there are served
+    answers and the reward model that would score fresh samples cannot be shown better than chance (its held-out
+    pair accuracy's 95 % lower bound, absent with no held-out pairs, is not above config.min_reward_accuracy)."""
+    if not served or config.min_reward_accuracy <= 0:
+        return config.iterations
+    trusted = reward_metrics.get("reward/heldout_accuracy_low", 0.0) > config.min_reward_accuracy
+    return config.iterations if trusted else 1
 
 
 def ppo_trainer(
@@ -91,9 +101,10 @@ def train_policy(
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
     trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter, config.device)
-    report = (lambda i, stats: progress("ppo", i, config.ppo.iterations, stats)) if progress else None
     served = data.served(init_version, config.ppo.temperature, config.ppo.served_batch) if init_version else []
-    history = trainer.train(data.prompts, config.ppo.iterations, report, served)
+    iterations = ppo_iterations(config.ppo, len(served), read_meta(reward_dir)["metadata"].get("metrics", {}))
+    report = (lambda i, stats: progress("ppo", i, iterations, stats)) if progress else None
+    history = trainer.train(data.prompts, iterations, report, served)
     trainer.save_adapter(out_dir)
     (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(config.ppo), "history": history}, default=str))
     return history

@@ -196,6 +196,11 @@ class Settings(BaseSettings):
         PPOConfig.served_batch, ge=0, description="Answers production served at the PPO temperature that make the "
         "first PPO iteration's batch, rewarded by their users' votes (0: fresh samples only).",
     )
+    ppo_min_reward_accuracy: float = Field(
+        PPOConfig.min_reward_accuracy, ge=0, le=1, description="With served answers to train on, a run samples fresh "
+        "answers for its reward model to score only when that model's held-out pair accuracy has a 95 % lower bound "
+        "above this (it is better than chance); otherwise it trains on the served answers alone. 0: always.",
+    )
     offline_lr: float = Field(OfflineConfig.lr, gt=0, description="Policy learning rate of DPO/KTO.")
     offline_epochs: int = Field(OfflineConfig.epochs, ge=1, description="DPO/KTO epochs over their window.")
     offline_window: int = Field(

@@ -17,6 +17,7 @@ from rlhf.pipeline import (
     eval_models,
     evaluate_candidate,
     load_feedback,
+    ppo_iterations,
     ppo_trainer,
     train_policy,
     train_reward,
@@ -157,3 +158,37 @@ def test_every_stage_loads_its_models_on_the_configured_device(
     train_policy(reward_dir, tiny_model_dir, tmp_path / "dpo", config, None, feedback_file)
     evaluate_candidate(tmp_path / "ppo", reward_dir, tiny_model_dir, config, None, feedback_file)
     assert asked == ["cpu:0"] * 4
+
+
+@pytest.mark.parametrize(("served", "metrics", "expected"), [
+    (0, {}, 5),  # nothing served: fresh samples are all there is to train on
+    (40, {"reward/heldout_accuracy_low": 0.51}, 5),
+    (40, {"reward/heldout_accuracy_low": 0.50}, 1),  # at chance is not better than chance
+    (40, {"reward/heldout_pairs": 0}, 1),  # no held-out pairs: nothing shows it is better than chance
+])
+def test_ppo_samples_fresh_answers_only_for_a_reward_model_better_than_chance(served, metrics, expected):
+    assert ppo_iterations(PPOConfig(iterations=5), served, metrics) == expected
+    assert ppo_iterations(PPOConfig(iterations=5, min_reward_accuracy=0), served, metrics) == 5
+
+
+@pytest.mark.parametrize(("low", "iterations"), [(0.3, 1), (0.8, 3)])
+def test_a_run_trains_on_served_answers_alone_when_its_reward_model_is_not_better_than_chance(
+    low, iterations, tiny_model_dir, tmp_path
+):
+    served = tmp_path / "served.jsonl"
+    origin = {"adapter": "base", "finish_reason": "stop", "temperature": 0.7, "top_p": 1.0}
+    with served.open("w") as f:
+        for i, prompt in enumerate(PROMPTS[:6]):
+            pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": f"yes {i}"}],
+                    "rejected": [{"role": "assistant", "content": f"no {i}"}],
+                    **{f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in origin.items()}}
+            f.write(json.dumps(pair) + "\n")
+    reward_dir = make_reward_model(tiny_model_dir, tmp_path / "rm", metadata={
+        "data": str(served), "metrics": {"reward/heldout_accuracy_low": low}})
+    config = PipelineConfig(heldout_fraction=0.0)
+    config.ppo = replace(CONFIG, iterations=3, batch_size=4, group_size=2, minibatch_size=4, served_batch=8)
+    seen = []
+    history = train_policy(reward_dir, tiny_model_dir, tmp_path / "cand", config, None, served,
+                           lambda stage, step, total, stats: seen.append((step, total)), init_version="base")
+    assert len(history) == iterations and seen[-1] == (iterations, iterations)
+    assert history[0]["ppo/served"] == 8  # the 12 served answers' newest 8
