@@ -6,6 +6,10 @@ worker only makes both slower; a child per task returns all of a stage's memory 
 keeps torch out of the long-lived parent, which stays small and enforces the hard time limit by
 killing the child (the solo pool cannot). acks_late + reject_on_worker_lost: a stage whose worker
 dies is redelivered, and every stage is idempotent, so running it twice is safe.
+
+Beat's check (maybe_retrain: settle the A/B test, start a run) goes to a queue of its own, CONTROL, which
+the beat process consumes itself (`chatloop beat`). On the training workers' queue it would wait behind a
+stage that takes minutes, and a won A/B test would wait that long for its promotion.
 """
 
 from celery import Celery
@@ -13,6 +17,7 @@ from celery import Celery
 from service.settings import Settings, get_settings
 
 app = Celery("chatloop", include=["workers.tasks"])
+CONTROL = "control"  # the queue of beat's check: see above
 
 
 def configure(settings: Settings) -> Celery:
@@ -34,6 +39,7 @@ def configure(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": visibility},
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
+        task_routes={"chatloop.maybe_retrain": {"queue": CONTROL}},
         beat_schedule={
             "maybe-retrain": {
                 "task": "chatloop.maybe_retrain",

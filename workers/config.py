@@ -7,7 +7,6 @@ train_window are the pipeline's own). Settings take their defaults from those da
 from dataclasses import fields, replace
 
 from rlhf.config import LoraSettings, PipelineConfig
-from service.engine.model import resolve_device
 from service.settings import Settings
 
 SECTIONS = ("reward", "ppo", "offline", "eval", "gate")
@@ -34,5 +33,7 @@ def config_from_settings(settings: Settings) -> PipelineConfig:
     config.eval.max_new_tokens, config.eval.temperature = config.ppo.max_new_tokens, config.ppo.temperature
     if config.algorithm != "ppo":
         config.offline.algorithm = config.algorithm
+    from service.engine.model import resolve_device  # torch: not imported where only beat's check runs
+
     config.device = str(resolve_device(settings.device))  # "auto": CUDA where there is one
     return config

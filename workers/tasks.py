@@ -48,24 +48,27 @@ async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> t
     return await registry.production(redis), ab_outcomes(events, test, max_votes_per_voter)
 
 
-async def end_ab(redis: Redis, test: ABTest, promote: bool, reason: str) -> str:
-    """Promote the candidate (only over the production it was tested against) or not; end the test either way.
-    Returns the run's final status."""
-    status = "rejected"
-    if promote:
-        try:
-            await registry.promote(redis, test.candidate, f"run {test.run_id}: {reason}", expected=test.production)
-            status = "promoted"
-        except registry.AlreadyProduction:  # a check that ran twice: the first promoted it
-            status = "promoted"
-        except registry.PromotionConflict:  # production moved while the test ran (a rollback, say)
-            status = "superseded"
-    await ab_tests.finish(redis, test.candidate)
-    return status
+async def end_ab(redis: Redis, test: ABTest, promote: bool, reason: str) -> str | None:
+    """End the test, then promote the candidate (only over the production it was tested against) or not.
+    Returns the run's final status; None if the test had already ended or given way to a newer one: beat's check
+    and a training worker's promote stage both settle tests, and ending the test first (atomically, for this
+    candidate only) lets exactly one of them carry out a verdict."""
+    if not await ab_tests.finish(redis, test.candidate):
+        return None
+    if not promote:
+        return "rejected"
+    try:
+        await registry.promote(redis, test.candidate, f"run {test.run_id}: {reason}", expected=test.production)
+    except registry.AlreadyProduction:  # promoted already (by hand, say)
+        pass
+    except registry.PromotionConflict:  # production moved while the test ran (a rollback, say)
+        return "superseded"
+    return "promoted"
 
 
 def settle_ab(settings: Settings) -> dict | None:
-    """Decide the running A/B test if its evidence (or its deadline) allows; None if no test runs."""
+    """Decide the running A/B test if its evidence (or its deadline) allows; None if no test runs (or another
+    process ended it meanwhile)."""
     test = arun(settings, ab_tests.active)
     if test is None:
         return None
@@ -81,6 +84,8 @@ def settle_ab(settings: Settings) -> dict | None:
         runs.update_run(runs.client(settings), test.run_id, ab=evidence)
         return {"run_id": test.run_id, "status": "ab_test", **evidence}
     status = arun(settings, end_ab, test, verdict == "promote", reason)
+    if status is None:  # settled elsewhere meanwhile
+        return None
     runs.update_run(runs.client(settings), test.run_id, status=status, ab=evidence, finished=time.time())
     return {"run_id": test.run_id, "status": status, **evidence}
 

@@ -178,12 +178,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def beat(args: argparse.Namespace) -> None:
-    from workers.celery_app import app
+    """Beat, and a worker in the same process that runs only beat's own check (the CONTROL queue): deciding an
+    A/B test or starting a run never waits behind a training stage. The check imports no torch."""
+    from workers.celery_app import CONTROL, app
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     schedule = str(settings.data_dir / "celerybeat-schedule")
-    app.start(["beat", "--loglevel", settings.log_level.upper(), "--schedule", schedule])
+    app.worker_main(["worker", "--beat", "--schedule", schedule, "--queues", CONTROL, "--pool", "solo",
+                     "--loglevel", settings.log_level.upper(), "--hostname", f"{CONTROL}@%h"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ from service.feedback.ab import ABTest
 from service.feedback.events import AnswerRef, FeedbackEvent
 from service.settings import Settings
 from service.store import ab_tests, feedback_store, redis_keys, registry, runs
-from workers.tasks import enter_ab, settle_ab
+from workers.celery_app import CONTROL, app
+from workers.tasks import end_ab, enter_ab, settle_ab
 
 
 def settings_for(redis_url: str, **overrides) -> Settings:
@@ -165,3 +166,33 @@ def test_a_candidate_after_a_rejected_test_gets_its_own(redis_url, redis_sync, t
     newer = register(redis_url, tiny_adapter_dir)
     assert enter_ab(settings, newer, test.production, "run2") == "ab_test"
     assert status(redis_url) == "rejected" and asyncio.run(active(redis_url)).candidate == newer
+
+
+def test_a_test_that_gave_way_meanwhile_is_not_carried_out_twice(redis_url, redis_sync, tiny_adapter_dir):
+    """Beat's check and a promote stage may settle the same test at once: the one that ends it carries out the
+    verdict; the other, having read a test that has since given way to a newer candidate, changes nothing."""
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True] * 12))  # the evidence says promote
+
+    async def replaced_then_settled() -> str | None:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        newer = ABTest(candidate=await registry.register_dir(client, tiny_adapter_dir), production=test.production,
+                       run_id="run2", started=time.time(), deadline=time.time() + 3600)
+        assert await ab_tests.replace(client, test.candidate, newer)
+        try:
+            return await end_ab(client, test, True, "stale read")  # what the slower settler would do now
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(replaced_then_settled()) is None
+    assert redis_sync.get(registry.PRODUCTION) == test.production  # the stale verdict promoted nothing
+    assert asyncio.run(active(redis_url)).run_id == "run2"  # and ended nobody's test
+
+
+def test_beats_check_has_a_queue_of_its_own():
+    """Training workers consume the default queue; beat's process consumes CONTROL, so settling an A/B test never
+    waits behind a training stage."""
+    router = app.amqp.router
+    assert router.route({}, "chatloop.maybe_retrain")["queue"].name == CONTROL
+    for stage in ("chatloop.train_reward", "chatloop.train_policy", "chatloop.evaluate", "chatloop.promote"):
+        assert router.route({}, stage)["queue"].name == app.conf.task_default_queue != CONTROL
