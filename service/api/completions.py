@@ -1,13 +1,12 @@
 """Turning a chat request into an engine request, and engine events into OpenAI responses.
 
 Templating and tokenising a conversation (up to the body limit, 1 MB) is CPU work: `prepare_async` runs it
-in a worker thread so the event loop keeps streaming to everyone else meanwhile. Streamed chunks are
-formatted from a prefix serialised once per request (only the text is encoded per token), and every
-event the engine handed over in one step leaves in one write.
+in a worker thread so the event loop keeps streaming to everyone else meanwhile. Streamed chunks (formatted by
+service/api/chunks.py) leave one write per engine step: every event that step handed over.
 """
 
 import asyncio
-import json
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +17,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from service.api import metrics, tool_calls
+from service.api.chunks import NO_LOGPROB, ChoiceStream, ChunkFormat, logprob_entries, sse
 from service.api.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -137,7 +137,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> l
 
 def prepare(
     body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
-    max_context: int, owner: str | None = None, grammars: Grammars | None = None,
+    max_context: int, *, grammars: Grammars, owner: str | None = None,
 ) -> Prepared:
     if body.n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n}", "n")
@@ -159,7 +159,7 @@ def prepare(
         )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    grammar, tool_mode = constraint(body, grammars or Grammars(tokenizer))
+    grammar, tool_mode = constraint(body, grammars)
     params = SamplingParams(
         max_tokens=limit or min(settings.default_max_tokens, room), temperature=body.temperature,
         top_p=body.top_p, stop=tuple(body.stop), seed=body.seed,
@@ -175,11 +175,13 @@ def prepare(
 
 async def prepare_async(
     body: ChatCompletionRequest, adapter: str, tokenizer: PreTrainedTokenizerBase, settings: Settings,
-    max_context: int, owner: str | None = None, grammars: Grammars | None = None,
+    max_context: int, *, grammars: Grammars, owner: str | None = None,
 ) -> Prepared:
     """`prepare` in a worker thread; the arrival time is taken before it, so TTFT includes it."""
     arrived = time.perf_counter()
-    prepared = await asyncio.to_thread(prepare, body, adapter, tokenizer, settings, max_context, owner, grammars)
+    prepared = await asyncio.to_thread(
+        functools.partial(prepare, grammars=grammars, owner=owner), body, adapter, tokenizer, settings, max_context
+    )
     prepared.arrived = arrived
     return prepared
 
@@ -202,18 +204,6 @@ def submit(engine: Engine, prepared: Prepared) -> GenerationRequest | MergedRequ
     except EngineBusy as exc:
         raise APIError(429, f"the server is busy: {exc}", code="engine_busy",
                        headers={"Retry-After": str(exc.retry_after_s)}) from exc
-
-
-NO_LOGPROB = -9999.0  # what OpenAI reports for a token that could not be sampled (JSON has no -inf)
-
-
-def logprob_entries(tokens: list[TokenLogprob]) -> list[dict]:
-    """The engine's token log-probabilities as OpenAI's `logprobs.content` entries."""
-
-    def one(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": max(logprob, NO_LOGPROB), "bytes": list(token.encode())}
-
-    return [one(t.token, t.logprob) | {"top_logprobs": [one(*alt) for alt in t.top]} for t in tokens]
 
 
 def logged_choices(
@@ -278,60 +268,6 @@ async def complete(request: GenerationRequest | MergedRequest, prepared: Prepare
     )
 
 
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-class ChunkFormat:
-    """`chat.completion.chunk` SSE events of one request: the fields every chunk repeats are serialised once,
-    so a token costs one string encode and one format, not a dict and a whole json.dumps."""
-
-    def __init__(self, head: dict) -> None:
-        self.head = head
-        self.prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
-
-    def content(self, index: int, text: str, logprobs: list[TokenLogprob] | None = None) -> str:
-        scores = "null" if logprobs is None else json.dumps({"content": logprob_entries(logprobs), "refusal": None})
-        return (f'{self.prefix}{index},"delta":{{"content":{json.dumps(text)}}},"logprobs":{scores},'
-                f'"finish_reason":null}}]}}\n\n')
-
-    def chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _sse({**self.head, "choices": [choice]})
-
-
-class ChoiceStream:
-    """One choice's SSE chunks when it may be tool calls: its text goes through a tool_calls.CallStream, and the
-    calls leave as OpenAI streams them (the id and name first, then the arguments in pieces)."""
-
-    def __init__(self, chunks: ChunkFormat, index: int, prepared: Prepared) -> None:
-        self.chunks, self.index = chunks, index
-        self.calls = tool_calls.CallStream(strict=prepared.tool_calls == "forced", names=prepared.tool_names)
-
-    def push(self, text: str) -> list[str]:
-        return self._chunks(self.calls.push(text))
-
-    def finish(self, reason: str) -> tuple[list[str], str]:
-        """The last chunks, and the choice's finish_reason: "tool_calls" where it ended after calls."""
-        out = self._chunks(self.calls.finish())
-        reason = "tool_calls" if self.calls.calls and reason == "stop" else reason
-        return [*out, self.chunks.chunk(self.index, {}, reason)], reason
-
-    def _chunks(self, events: list) -> list[str]:
-        out = []
-        for event in events:
-            if isinstance(event, tool_calls.Content):
-                out.append(self.chunks.content(self.index, event.text))
-            elif isinstance(event, tool_calls.CallStart):
-                call = {"index": event.index, "id": tool_calls.new_call_id(), "type": "function",
-                        "function": {"name": event.name, "arguments": ""}}
-                out.append(self.chunks.chunk(self.index, {"tool_calls": [call]}))
-            else:
-                call = {"index": event.index, "function": {"arguments": event.fragment}}
-                out.append(self.chunks.chunk(self.index, {"tool_calls": [call]}))
-        return out
-
-
 async def _steps(request: GenerationRequest | MergedRequest) -> AsyncIterator[list[Delta]]:
     """The request's events, grouped as they arrived: all that one engine step delivered come together."""
     if isinstance(request, GenerationRequest):
@@ -359,7 +295,9 @@ async def stream_chunks(
     metrics.ACTIVE_STREAMS.inc()
     try:
         yield "".join(chunks.chunk(i, {"role": "assistant", "content": ""}) for i in range(prepared.n))
-        calls = [ChoiceStream(chunks, i, prepared) for i in range(prepared.n)] if prepared.tool_calls else None
+        strict = prepared.tool_calls == "forced"
+        calls = ([ChoiceStream(chunks, i, strict, prepared.tool_names) for i in range(prepared.n)]
+                 if prepared.tool_calls else None)
         async for batch in _steps(request):
             out = []
             for delta in batch:
@@ -389,10 +327,10 @@ async def stream_chunks(
         if include_usage:
             prompt = len(prepared.prompt_ids)
             usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
-            tail.append(_sse({**head, "choices": [], "usage": usage}))
-        yield "".join([*tail, _sse("[DONE]")])
+            tail.append(sse({**head, "choices": [], "usage": usage}))
+        yield "".join([*tail, sse("[DONE]")])
     except EngineError as exc:
-        yield _sse(error_body(500, f"generation failed: {exc}"))
+        yield sse(error_body(500, f"generation failed: {exc}"))
     finally:
         metrics.ACTIVE_STREAMS.dec()
         request.cancel()  # a no-op if it finished; stops the engine's work if the client went away
