@@ -264,22 +264,28 @@ class PPOTrainer:
 
     @torch.no_grad()
     def recompute(self, prompts: list[Messages], answer_ids: list[list[int]], batch: TokenBatch) -> Rollouts:
-        """Logprobs, values and reference logprobs of sampled answers, in the trainer's own precision."""
+        """Logprobs, values and reference logprobs of sampled answers, in the trainer's own precision, batch_size
+        rows at a time: a served batch of 256 answers in one pass would hold (256, R, V) logits, 3 GB in fp32, and
+        took twice as long per answer as 16-row passes (bench/RESULTS.md, the learning benchmark)."""
         c = self.config
         start = time.perf_counter()
-        logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
-        with self.policy.disable_adapter():
-            ref_logits, _ = forward_answers(self.policy, batch, c.temperature, precision=c.precision)
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for rows in torch.arange(len(answer_ids), device=self.device).split(c.batch_size):
+            chunk = batch.select(rows)
+            logits, values = forward_answers(self.policy, chunk, c.temperature, self.value_head, c.precision)
+            with self.policy.disable_adapter():
+                ref_logits, _ = forward_answers(self.policy, chunk, c.temperature, precision=c.precision)
+            parts["logprobs"].append(token_logprobs(logits, chunk.responses))
+            parts["ref_logprobs"].append(token_logprobs(ref_logits, chunk.responses))
+            parts["values"].append(values if values is not None else torch.zeros_like(logits[..., 0]))
+            parts["entropy"].append(entropy_from_logits(logits))
         return Rollouts(
             prompts=prompts,
             answer_texts=[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids],
             answer_ids=answer_ids,
             batch=batch,
             has_eos=torch.tensor([ids[-1] in self.eos_ids for ids in answer_ids], device=self.device),
-            logprobs=token_logprobs(logits, batch.responses),
-            ref_logprobs=token_logprobs(ref_logits, batch.responses),
-            values=values if values is not None else torch.zeros_like(logits[..., 0]),
-            entropy=entropy_from_logits(logits),
+            **{name: torch.cat(tensors) for name, tensors in parts.items()},
             seconds=time.perf_counter() - start,
         )
 

@@ -199,3 +199,17 @@ def test_served_answers_make_the_first_batch_with_their_ends_kept(tiny_base):
     assert len(calls) == 2 and history[1:] == [{"fresh": 1.0}] * 2
     after = dict(trainer.policy.named_parameters())
     assert any(not torch.equal(after[n], p) for n, p in before.items())
+
+
+def test_recomputing_in_chunks_gives_the_numbers_of_one_pass(tiny_base):
+    """recompute() runs batch_size rows at a time; a batch of 12 answers in chunks of 4 and of 16 agree."""
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, lambda p, t, ids: torch.zeros(len(ids)), tiny_config(critic=True))
+    torch.manual_seed(0)
+    answer_ids, batch = trainer.generate(PROMPTS[:12])
+    whole = trainer.recompute(PROMPTS[:12], answer_ids, batch)
+    trainer.config = tiny_config(critic=True, batch_size=4, minibatch_size=4)
+    chunked = trainer.recompute(PROMPTS[:12], answer_ids, batch)
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+    assert whole.logprobs.shape == (12, batch.response_mask.shape[1])
