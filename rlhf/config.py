@@ -63,8 +63,8 @@ class PPOConfig:
     epochs: int = 2  # passes over each rollout batch
     # Against the preference itself, 1e-4, 3e-4 and 1e-3 moved held-out VADER by +0.115, +0.124 and +0.141 (each
     # about ±0.06) for 0.2, 3.4 and 10.7 nats (bench/RESULTS.md, PPO against the preference itself). In the
-    # learning benchmark two candidates at 1e-4 spent 0.4-0.5 nats and the users could not tell them from the
-    # base in the A/B test (win rates 0.511 and 0.475): a candidate must move far enough for its users to see it.
+    # learning benchmark candidates at 1e-4 spent 0.3-0.5 nats and their users could not tell them from the base
+    # (blind win rates 0.511 and 0.468); at 3e-4 on served answers alone they spent 0.25 nats (0.494, 0.462).
     lr: float = 3e-4
     max_new_tokens: int = 64
     max_prompt_tokens: int = 512  # a longer conversation keeps its end (as the reward model reads it)
@@ -94,9 +94,9 @@ class PPOConfig:
     # Answers the starting (production) policy served to users at this temperature make the first iteration's
     # batch, up to this many (0: fresh samples only), rewarded by their users' votes: exact on-policy samples that
     # cost no generation, judged by the preference itself rather than by the reward model. In the learning
-    # benchmark (bench/RESULTS.md) a served answer cost ~1.9 s of training and a fresh one ~3.4 s, and the reward
-    # model ordered held-out pairs at 0.62-0.67 where a vote is the user's own verdict: so most of a run goes to
-    # served answers.
+    # benchmark (bench/RESULTS.md) a served answer cost about 2 s of training and a fresh one about 3.2 s, and the
+    # reward model ordered held-out pairs at 0.61-0.68 where a vote is the user's own verdict: so most of a run goes
+    # to served answers.
     served_batch: int = 256
     # Fresh samples are scored by the reward model, so they are worth their cost only when it orders held-out pairs
     # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a

@@ -266,7 +266,7 @@ class PPOTrainer:
     def recompute(self, prompts: list[Messages], answer_ids: list[list[int]], batch: TokenBatch) -> Rollouts:
         """Logprobs, values and reference logprobs of sampled answers, in the trainer's own precision, batch_size
         rows at a time: a served batch of 256 answers in one pass would hold (256, R, V) logits, 3 GB in fp32, and
-        took twice as long per answer as 16-row passes (bench/RESULTS.md, the learning benchmark)."""
+        took 0.75-0.95 s an answer where 16-row passes took 0.5-0.65 s (bench/RESULTS.md, the learning benchmark)."""
         c = self.config
         start = time.perf_counter()
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
