@@ -27,7 +27,7 @@ from rlhf.evaluate import compare_policies, gate, load_policies
 from rlhf.modeling import load_base
 from rlhf.offline import train_offline
 from rlhf.ppo import PPOTrainer
-from rlhf.reward import META_FILE, RewardModel, read_meta, train_reward_model
+from rlhf.reward import RewardModel, read_meta, train_reward_model
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total, metrics)
 STATS_FILE = "ppo_stats.json"
@@ -54,7 +54,7 @@ def train_reward(
 
 
 def reward_data_path(reward_dir: Path) -> Path:
-    return Path(json.loads((reward_dir / META_FILE).read_text())["metadata"]["data"])
+    return Path(read_meta(reward_dir)["metadata"]["data"])
 
 
 def ppo_iterations(config: PPOConfig, served: int, reward_metrics: dict) -> int:

@@ -43,9 +43,8 @@ class ChoiceStream:
     """One choice's SSE chunks when it may be tool calls: its text goes through a tool_calls.CallStream, and the
     calls leave as OpenAI streams them (the id and name first, then the arguments in pieces)."""
 
-    def __init__(self, chunks: ChunkFormat, index: int, strict: bool, names: frozenset[str] | None) -> None:
-        self.chunks, self.index = chunks, index
-        self.calls = tool_calls.CallStream(strict=strict, names=names)
+    def __init__(self, chunks: ChunkFormat, index: int, calls: tool_calls.CallStream) -> None:
+        self.chunks, self.index, self.calls = chunks, index, calls
 
     def push(self, text: str) -> list[str]:
         return self._chunks(self.calls.push(text))

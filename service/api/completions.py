@@ -27,6 +27,7 @@ from service.api.schemas import (
     ToolCall,
     Usage,
 )
+from service.api.tool_calls import CallStream
 from service.engine.engine import Engine
 from service.engine.grammar import ANY_JSON_OBJECT, Grammar, GrammarError, Grammars
 from service.engine.requests import Delta, EngineBusy, EngineError, GenerationRequest, SamplingParams, TokenLogprob
@@ -55,6 +56,10 @@ class Prepared:
     owner: str | None = None  # the caller, for the engine's per-caller limits
     tool_calls: ToolMode | None = None  # the answer may be tool calls: "auto" (or prose), "forced" (only calls)
     tool_names: frozenset[str] | None = None  # the functions a call may name
+
+    def call_stream(self) -> CallStream:
+        """A reader of one choice's text as tool calls, as strict as the request's tool_choice."""
+        return CallStream(strict=self.tool_calls == "forced", names=self.tool_names)
 
 
 class Timing:
@@ -224,7 +229,7 @@ def answer_message(text: str, finish: str | None, prepared: Prepared) -> tuple[A
     as the stream reads them: a forced answer cut short at max_tokens keeps its calls, the last as far as it got)."""
     calls = None
     if prepared.tool_calls:
-        stream = tool_calls.CallStream(strict=prepared.tool_calls == "forced", names=prepared.tool_names)
+        stream = prepared.call_stream()
         stream.push(text)
         stream.finish()
         calls = stream.calls
@@ -295,8 +300,7 @@ async def stream_chunks(
     metrics.ACTIVE_STREAMS.inc()
     try:
         yield "".join(chunks.chunk(i, {"role": "assistant", "content": ""}) for i in range(prepared.n))
-        strict = prepared.tool_calls == "forced"
-        calls = ([ChoiceStream(chunks, i, strict, prepared.tool_names) for i in range(prepared.n)]
+        calls = ([ChoiceStream(chunks, i, prepared.call_stream()) for i in range(prepared.n)]
                  if prepared.tool_calls else None)
         async for batch in _steps(request):
             out = []

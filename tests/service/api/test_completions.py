@@ -60,13 +60,8 @@ async def test_a_full_queue_is_a_429_with_retry_after_and_queues_nothing(base, g
 
 @pytest.mark.parametrize("text", ["plain", 'quote " and \\ backslash', "new\nline\ttab", "héllo ✓ 🌊", ""])
 def test_the_fast_chunk_is_the_same_json_as_the_plain_one(text):
-    head = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 7,
-        "model": 'm"x',
-        "system_fingerprint": "v0001",
-    }
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m\"x",
+            "system_fingerprint": "v0001"}
     chunks = chunks_module.ChunkFormat(head)
     fast, plain = chunks.content(3, text), chunks.chunk(3, {"content": text})
     assert fast.startswith("data: ") and fast.endswith("\n\n")
