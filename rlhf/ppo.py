@@ -6,7 +6,8 @@ The policy is the base wrapped in a peft LoRA adapter; the reference is the same
 `disable_adapter()` (one copy of the weights); the value head, when there is one (critic=True: GAE),
 is a Linear on the policy's last hidden states (shared trunk). Without it (critic=False, the service's
 default) every token's advantage is the answer's score baselined on its group siblings (RLOO), and
-with kl_penalty="loss" the KL to the reference is a k3 term of the loss rather than a per-token reward.
+with kl_penalty="loss" the KL to the reference is a term of the loss rather than a per-token reward: k3 weighted
+by pi / pi_old, which stays right on answers the policy did not sample itself (served ones, later epochs).
 Every logprob used for the ratio and the KL is recomputed here, in the trainer's own precision, with
 logits divided by the sampling temperature (Huang et al., "The N Implementation Details of RLHF with PPO").
 """
@@ -44,7 +45,7 @@ from rlhf.ppo_math import (
     entropy_from_logits,
     gae,
     kl_k3,
-    kl_k3_tokens,
+    kl_k3_weighted_tokens,
     leave_one_out_groups,
     masked_mean,
     masked_var,
@@ -312,7 +313,8 @@ class PPOTrainer:
                 )
                 loss = pg_loss
                 if c.kl_penalty == "loss":
-                    kl_loss = masked_mean(kl_k3_tokens(logprobs, rollouts.ref_logprobs[rows]), mask)
+                    kl_tokens = kl_k3_weighted_tokens(logprobs, rollouts.logprobs[rows], rollouts.ref_logprobs[rows])
+                    kl_loss = masked_mean(kl_tokens, mask)
                     loss = loss + self.kl_ctl.value * kl_loss
                     totals["ppo/loss/kl"].append(kl_loss.item())
                 if values is not None:

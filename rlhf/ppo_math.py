@@ -151,6 +151,21 @@ def kl_k3_tokens(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Te
     return torch.exp(log_r) - 1 - log_r
 
 
+def kl_k3_weighted_tokens(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """k3 per token importance-weighted from the policy that sampled the tokens (old_logprobs), as a loss. (B, R)
+
+    (pi / pi_old) * k3 = pi_ref / pi_old - pi / pi_old - (pi / pi_old) * log(pi_ref / pi), written so that nothing
+    divides by pi. Under pi_old's samples its expectation is KL(pi || pi_ref) and its gradient with respect to
+    log pi is (pi / pi_old) * (log pi - log pi_ref), the reverse KL's own. Plain k3 is right only on pi's own
+    samples: on a token pi has learnt to avoid (a served answer its users voted down) its pi_ref / pi grows like
+    e^r and its gradient, 1 - pi_ref / pi, with it; weighted, that token's term tends to pi_ref / pi_old and its
+    gradient to 0. On a fresh sample's first step pi = pi_old and the two agree in value."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    return torch.exp(ref_logprobs - old_logprobs) - ratio - ratio * (ref_logprobs - logprobs)
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """k3 per answer, summed over its tokens. (B, R) -> (B,)"""
     return (kl_k3_tokens(logprobs, ref_logprobs) * mask).sum(-1)

@@ -14,6 +14,7 @@ from rlhf.ppo_math import (
     kl_k1,
     kl_k3,
     kl_k3_tokens,
+    kl_k3_weighted_tokens,
     leave_one_out,
     leave_one_out_groups,
     masked_mean,
@@ -162,6 +163,44 @@ def test_kl_estimators_per_answer():
     close(kl_k3(logprobs, ref_logprobs, mask), [0.106531, 0.516600])
     # per token, before the mask: the same terms, and the row-0 pad (x = 1 -> e - 2 = 0.718282) is kept
     close(kl_k3_tokens(logprobs, ref_logprobs), [[0.106531, 0.0, 0.718282], [0.367879, 0.0, 0.148721]])
+
+
+def test_weighted_k3_by_hand():
+    # pi = 1/2, pi_old = 1/4, pi_ref = 1/8: weight pi / pi_old = 2, k3 = 1/4 - 1 - log(1/4) = 0.636294,
+    # weighted 1.272589 = pi_ref/pi_old - pi/pi_old - 2 * log(pi_ref/pi) = 0.5 - 2 + 2 * log 4
+    logprobs = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    old, ref = torch.tensor([[math.log(0.25)]]), torch.tensor([[math.log(0.125)]])
+    term = kl_k3_weighted_tokens(logprobs, old, ref)
+    close(term, [[1.272589]])
+    term.sum().backward()
+    # d/d log pi = (pi / pi_old) * (log pi - log pi_ref) = 2 * log 4
+    close(logprobs.grad, [[2.772589]])
+
+
+def test_weighted_k3_is_plain_k3_on_the_policys_own_samples():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -0.5]])
+    close(kl_k3_weighted_tokens(logprobs, logprobs, ref_logprobs), kl_k3_tokens(logprobs, ref_logprobs).tolist())
+
+
+def test_weighted_k3_stays_bounded_on_a_token_the_policy_has_learnt_to_avoid():
+    """A served answer voted down: pi_old = pi_ref = 1/2 when it was served, and training pushed pi to e^-30.
+    Plain k3 is pi_ref/pi ~ 5e12 with a gradient as large; weighted, the term tends to pi_ref/pi_old = 1 and its
+    gradient (pi/pi_old) * (log pi - log pi_ref) to 0, the KL's own."""
+    logprobs = torch.tensor([[-30.0]], requires_grad=True)
+    half = torch.tensor([[math.log(0.5)]])
+    assert kl_k3_tokens(logprobs, half).item() > 1e12
+    term = kl_k3_weighted_tokens(logprobs, half, half)
+    term.sum().backward()
+    close(term, [[1.0]])
+    assert 0 > logprobs.grad.item() > -1e-11
+
+
+def test_weighted_k3_averages_to_the_kl_over_the_behaviour_policys_samples():
+    """E over x ~ pi_old of the weighted term = KL(pi || pi_ref), exactly, for any three distributions."""
+    pi, pi_old, pi_ref = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.3, 0.5, 0.2])
+    terms = kl_k3_weighted_tokens(pi.log(), pi_old.log(), pi_ref.log())
+    close((pi_old * terms).sum(), (pi * (pi / pi_ref).log()).sum().item())
 
 
 def test_fixed_kl_controller_never_moves():
