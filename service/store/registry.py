@@ -255,6 +255,19 @@ async def history(redis: Redis) -> list[dict]:
     return [json.loads(e) for e in await redis.lrange(HISTORY, 0, -1)]
 
 
+async def promoted_since(redis: Redis, parent: str, production: str) -> bool:
+    """Whether `production` was reached from `parent` by promotions alone: the newest history entries, down to the
+    one that replaced `parent`, include no rollback (False if `parent` was never replaced)."""
+    if production == parent:
+        return True
+    for entry in await history(redis):
+        if entry.get("rollback"):
+            return False
+        if entry.get("previous") == parent:
+            return True
+    return False
+
+
 async def export_dir(redis: Redis, raw_redis: Redis, version: str, dest: Path) -> Path:
     """Write a version back out as a peft adapter directory (to train from it or evaluate it)."""
     meta, blob = await metadata(redis, version), await weights(raw_redis, version)

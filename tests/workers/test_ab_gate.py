@@ -6,6 +6,7 @@ import time
 
 from redis.asyncio import Redis
 
+from common.models import BASE
 from service.feedback.ab import ABTest
 from service.feedback.events import AnswerRef, FeedbackEvent
 from service.settings import Settings
@@ -121,6 +122,22 @@ def test_a_rollback_during_the_test_wins(redis_url, redis_sync, tiny_adapter_dir
     assert redis_sync.get(registry.PRODUCTION) != test.candidate
 
 
+def registry_call(redis_url: str, fn):
+    """A registry coroutine function as a plain call on a client of its own."""
+
+    def call(*args):
+        async def run():
+            client = Redis.from_url(redis_url, decode_responses=True)
+            try:
+                return await fn(client, *args)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(run())
+
+    return call
+
+
 def register(redis_url: str, adapter_dir) -> str:
     async def run() -> str:
         client = Redis.from_url(redis_url, decode_responses=True)
@@ -153,10 +170,41 @@ def test_a_test_the_evidence_decides_is_decided_before_a_newer_candidate_arrives
     test = asyncio.run(start(redis_url, tiny_adapter_dir))
     asyncio.run(votes(redis_url, test, [True] * 12))
     newer = register(redis_url, tiny_adapter_dir)
-    # The running candidate wins first; the newer one was trained from the old production, so it is not tested.
-    assert enter_ab(settings, newer, test.production, "run2") == "superseded"
+    # The running candidate wins first; the newer one, trained from the old production on more feedback, is then
+    # tested against the winner.
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_test"
     assert redis_sync.get(registry.PRODUCTION) == test.candidate and status(redis_url) == "promoted"
+    running = asyncio.run(active(redis_url))
+    assert running.candidate == newer and running.production == test.candidate and running.run_id == "run2"
+
+
+def test_a_candidate_whose_parent_an_operator_rolled_back_to_is_not_tested(redis_url, redis_sync,
+                                                                         tiny_adapter_dir):
+    """Promoted while the newer candidate trained, then rolled back by an operator: production was taken back on
+    purpose, so a candidate trained before it is not put in front of the users."""
+    settings = settings_for(redis_url)
+    first, second = register(redis_url, tiny_adapter_dir), register(redis_url, tiny_adapter_dir)
+    promote = registry_call(redis_url, registry.promote)
+    promote(first)
+    promote(second)  # the newer candidate trains from `first`...
+    registry_call(redis_url, registry.rollback)()  # ...and production goes back to `first`
+    assert enter_ab(settings, register(redis_url, tiny_adapter_dir), second, "run2") == "superseded"
     assert asyncio.run(active(redis_url)) is None
+    # one trained from `first` itself is tested as usual
+    newer = register(redis_url, tiny_adapter_dir)
+    assert enter_ab(settings, newer, first, "run3") == "ab_test" and asyncio.run(active(redis_url)).candidate == newer
+
+
+def test_promoted_since_follows_promotions_and_stops_at_a_rollback(redis_url, tiny_adapter_dir):
+    first, second = register(redis_url, tiny_adapter_dir), register(redis_url, tiny_adapter_dir)
+    promote, since = registry_call(redis_url, registry.promote), registry_call(redis_url, registry.promoted_since)
+    before = registry_call(redis_url, registry.production)()  # what earlier tests on this server left
+    assert since(BASE, BASE) and not since(first, second)  # first was never production
+    promote(first)
+    promote(second)
+    assert since(before, second) and since(first, second) and not since(second, first)
+    registry_call(redis_url, registry.rollback)()  # production: first again
+    assert since(first, first) and not since(second, first) and not since(before, first)
 
 
 def test_a_candidate_after_a_rejected_test_gets_its_own(redis_url, redis_sync, tiny_adapter_dir):
