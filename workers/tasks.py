@@ -105,9 +105,10 @@ def backoff_s(recent: list[dict], settings: Settings, now: float) -> float:
 
 
 def enter_ab(settings: Settings, version: str, parent: str, run_id: str) -> str:
-    """Put a candidate that passed the offline checks into the online A/B test against the production it was
-    trained from; returns its run's status. There is one test at a time: a running test whose evidence cannot
-    decide yet is superseded by the newer candidate (trained on more feedback), and its run ends "superseded" with
+    """Put a candidate that passed the offline checks into the online A/B test against production (as a rule the
+    version it was trained from); returns its run's status. There is one test at a time (and one training run): a
+    running test whose evidence cannot decide yet is superseded by the newer candidate (trained on more feedback,
+    from data that ends later), and its run ends "superseded" with
     the evidence it had, so an undecided test never holds up what the users taught since. A candidate whose parent
     is no longer production (a test promoted while it trained) is tested against the new production: it learnt
     from more feedback than the test's winner did, and the users decide between the two. (In the learning
