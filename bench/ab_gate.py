@@ -1,0 +1,80 @@
+"""How often the online A/B gate promotes a candidate its users do not prefer, and how soon it promotes one they
+do: the service's own decision rule (`service.feedback.ab.decide` with the service's default settings) on
+simulated streams of blind votes.
+
+One trial is one test. Votes arrive at `--votes-per-min` (the learning benchmark's tests collected 20-25 a
+minute); each is a tie (1/2) with probability `--ties` and otherwise a win for the candidate with the probability
+that makes its expected outcome the true win rate p. Beat looks once every `retrain_every_s` (as `chatloop beat`
+does), and the test ends at the first verdict or at `ab_deadline_s`. For each p the table gives the share of
+trials promoted, rejected by the evidence and rejected at the deadline, and the median number of votes and
+minutes at a promotion. With p = 0.5 every promotion is a false one: a rule with a fixed 95 % interval looked at
+every minute promotes more often than the 2.5 % a single look would.
+
+    .venv/bin/python -m bench.ab_gate [--trials 200 --rates 0.45 0.5 0.55 0.6]
+
+Pure CPU, a few minutes on 2 cores with the default 2,000 bootstrap resamples per look.
+"""
+
+import argparse
+import random
+import statistics
+import time
+
+from service.feedback.ab import ABRules, ABTest, decide
+from service.settings import Settings
+
+
+def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s: int, deadline_s: int,
+             rng: random.Random) -> tuple[str, int, float]:
+    """(verdict, votes, minute) of one simulated test."""
+    test = ABTest(candidate="candidate", production="production", run_id="sim", started=0.0, deadline=deadline_s)
+    if not ties / 2 <= p <= 1 - ties / 2:
+        raise ValueError(f"a win rate of {p} is impossible with {ties:.0%} ties")
+    win = (p - ties / 2) / (1 - ties) if ties < 1 else 0.0  # P(win | not a tie): the expected outcome is p
+    scores: list[float] = []
+    now = 0.0
+    while True:
+        now += look_s
+        while len(scores) < int(votes_per_min * now / 60):
+            scores.append(0.5 if rng.random() < ties else float(rng.random() < win))
+        verdict, reason = decide(scores, test, now, rules)
+        if verdict != "wait":
+            if verdict == "reject" and "deadline" in reason:
+                verdict = "deadline"
+            return verdict, len(scores), now / 60
+
+
+def main() -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.45, 0.5, 0.55, 0.6], help="true win rates")
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--votes-per-min", type=float, default=25.0)
+    parser.add_argument("--ties", type=float, default=0.13, help="share of tied votes (the benchmark's ~13 %%)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rules = ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter)
+    print(f"rule: promote when the {rules.confidence:.0%} bootstrap lower bound ({rules.bootstrap} resamples) > 0.5, "
+          f"reject when the upper bound < 0.5, not before {rules.min_votes} votes; a look every "
+          f"{settings.retrain_every_s} s, deadline {settings.ab_deadline_s} s; {args.votes_per_min:g} votes a minute, "
+          f"{args.ties:.0%} ties; {args.trials} trials per rate")
+    print()
+    print("| true win rate | promoted | rejected by the votes | rejected at the deadline | votes at promotion "
+          "(median) | minute of promotion (median) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    start = time.perf_counter()
+    for p in args.rates:
+        rng = random.Random(args.seed)
+        results = [one_test(p, args.ties, args.votes_per_min, rules, settings.retrain_every_s,
+                            settings.ab_deadline_s, rng) for _ in range(args.trials)]
+        share = {v: sum(r[0] == v for r in results) / len(results) for v in ("promote", "reject", "deadline")}
+        promoted = [r for r in results if r[0] == "promote"]
+        votes = f"{statistics.median(r[1] for r in promoted):.0f}" if promoted else "–"
+        minute = f"{statistics.median(r[2] for r in promoted):.0f}" if promoted else "–"
+        print(f"| {p:.2f} | {share['promote']:.1%} | {share['reject']:.1%} | {share['deadline']:.1%} | {votes} | "
+              f"{minute} |", flush=True)
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
