@@ -11,6 +11,7 @@ minutes at a promotion. With p = 0.5 every promotion is a false one: a rule with
 every minute promotes more often than the 2.5 % a single look would.
 
     .venv/bin/python -m bench.ab_gate [--trials 200 --rates 0.45 0.5 0.55 0.6]
+    CHATLOOP_AB_CONFIDENCE=0.99 .venv/bin/python -m bench.ab_gate   # any CHATLOOP_AB_* setting, as the service reads it
 
 Pure CPU, a few minutes on 2 cores with the default 2,000 bootstrap resamples per look.
 """
@@ -22,6 +23,7 @@ import time
 
 from service.feedback.ab import ABRules, ABTest, decide
 from service.settings import Settings
+from workers.tasks import ab_rules
 
 
 def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s: int, deadline_s: int,
@@ -53,7 +55,7 @@ def main() -> None:
     parser.add_argument("--ties", type=float, default=0.13, help="share of tied votes (the benchmark's ~13 %%)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rules = ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter)
+    rules = ab_rules(settings)  # the worker's own, from the settings (CHATLOOP_AB_*)
     print(f"rule: promote when the {rules.confidence:.0%} bootstrap lower bound ({rules.bootstrap} resamples) > 0.5, "
           f"reject when the upper bound < 0.5, not before {rules.min_votes} votes; a look every "
           f"{settings.retrain_every_s} s, deadline {settings.ab_deadline_s} s; {args.votes_per_min:g} votes a minute, "

@@ -242,6 +242,11 @@ class Settings(BaseSettings):
     ab_max_votes_per_voter: int = Field(
         50, ge=1, description="Most votes one voter counts for in one A/B test."
     )
+    ab_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Level of the A/B test's bootstrap interval: promoted when its lower bound is "
+        "above 1/2, rejected when its upper bound is below. Beat looks every minute, so a candidate no better than "
+        "production is promoted more often than (1 - level) / 2: 12 % of the time at 0.95 (bench/ab_gate.py).",
+    )
 
     # LoRA shape for new adapters (training)
     lora_r: int = Field(LoraSettings.r, ge=1)

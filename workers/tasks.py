@@ -39,7 +39,8 @@ def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
 
 
 def ab_rules(settings: Settings) -> ABRules:
-    return ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter)
+    return ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter,
+                   confidence=settings.ab_confidence)
 
 
 async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> tuple[str, list[float]]:
