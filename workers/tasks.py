@@ -109,20 +109,20 @@ def enter_ab(settings: Settings, version: str, parent: str, run_id: str) -> str:
     """Put a candidate that passed the offline checks into the online A/B test against production (as a rule the
     version it was trained from); returns its run's status. There is one test at a time (and one training run): a
     running test whose evidence cannot decide yet is superseded by the newer candidate (trained on more feedback,
-    from data that ends later), and its run ends "superseded" with
-    the evidence it had, so an undecided test never holds up what the users taught since. A candidate whose parent
-    is no longer production (a test promoted while it trained) is tested against the new production: it learnt
-    from more feedback than the test's winner did, and the users decide between the two. (In the learning
-    benchmark a run that started during the first test trained for 17 minutes and was thrown away at the end.)
-    Only an operator's rollback to something else since (production neither the parent nor a version promoted
-    after it) makes it "superseded": production was taken back on purpose."""
+    from data that ends later), and its run ends "superseded" with the evidence it had, so an undecided test never
+    holds up what the users taught since. A candidate whose parent is no longer production (a test promoted while
+    it trained) is tested against the new production: it learnt from more feedback than the test's winner did,
+    and the users decide between the two. (In the learning benchmark a run that started during the first test
+    trained for 17 minutes and was thrown away at the end.) Only an operator's rollback to something else since
+    (production neither the parent nor a version promoted after it) makes it "superseded": production was taken
+    back on purpose."""
     for _ in range(3):  # each retry follows a test that ended or was replaced between two reads
         running = arun(settings, ab_tests.active)
         if running is not None and running.candidate == version:  # a redelivered stage: its test runs already
             return "ab_test"
         ab = settle_ab(settings) if running is not None else None  # decided now, if its evidence allows
         production = arun(settings, registry.production)
-        if production != parent and not arun(settings, registry.promoted_since, parent, production):
+        if not arun(settings, registry.promoted_since, parent, production):  # True when production is the parent
             return "superseded"
         test = ABTest(candidate=version, production=production, run_id=run_id, started=time.time(),
                       deadline=time.time() + settings.ab_deadline_s)

@@ -139,14 +139,7 @@ def registry_call(redis_url: str, fn):
 
 
 def register(redis_url: str, adapter_dir) -> str:
-    async def run() -> str:
-        client = Redis.from_url(redis_url, decode_responses=True)
-        try:
-            return await registry.register_dir(client, adapter_dir)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(run())
+    return registry_call(redis_url, registry.register_dir)(adapter_dir)
 
 
 def test_a_newer_candidate_supersedes_an_undecided_test(redis_url, redis_sync, tiny_adapter_dir):
