@@ -95,7 +95,8 @@ class PPOConfig:
     whiten_rewards: bool = False
     # Answers the starting (production) policy served to users at this temperature make the first iteration's
     # batch, up to this many (0: fresh samples only), rewarded by their users' votes: exact on-policy samples that
-    # cost no generation, judged by the preference itself rather than by the reward model. In the learning
+    # cost no generation, judged by the preference itself rather than by the reward model. When it served fewer
+    # (just promoted), other versions' answers fill the batch (rlhf.data.FeedbackData.served). In the learning
     # benchmark (bench/RESULTS.md) a served answer cost about 2 s of training and a fresh one about 3.2 s, and the
     # reward model ordered held-out pairs at 0.61-0.68 where a vote is the user's own verdict: so most of a run goes
     # to served answers.

@@ -18,6 +18,8 @@ class Served(NamedTuple):
     text: str
     ended: bool  # it stopped at EOS (else at the token limit)
     vote: float  # +1 chosen in a comparison or thumbed up, -1 rejected or thumbed down
+    on_policy: bool = True  # written by the version being trained (else by another version: production earlier, a
+    # candidate in an A/B test)
 
 
 @dataclass
@@ -37,12 +39,16 @@ class FeedbackData:
         return unique_prompts([*self.heldout_pairs, *self.heldout_thumbs])
 
     def served(self, version: str, temperature: float, limit: int) -> list[Served]:
-        """The newest `limit` distinct training-side answers that `version` served at this temperature with no
-        nucleus cut (top_p 1): exact samples of that policy at the trainer's own sampling settings, each with its
-        newest vote."""
+        """Up to `limit` distinct training-side answers served at this temperature with no nucleus cut (top_p 1),
+        each with its newest vote: the newest that `version` served (exact samples of it at the trainer's own
+        sampling settings) and, when they are fewer than `limit`, the newest that other versions served. Those are
+        samples of a neighbouring policy (the production before it, a candidate in an A/B test against it) that
+        their users judged all the same: a run that starts right after a promotion would otherwise train on the
+        handful of answers the new production wrote while it was a candidate (12 in one benchmark run).
+        Newest last."""
 
-        def matches(origin: Origin) -> bool:
-            return (origin.adapter == version and origin.temperature == temperature and origin.top_p in (None, 1.0)
+        def sampled_as_trained(origin: Origin) -> bool:
+            return (origin.adapter is not None and origin.temperature == temperature and origin.top_p in (None, 1.0)
                     and origin.finish_reason in ("stop", "length"))
 
         found: dict[tuple, Served] = {}
@@ -50,10 +56,15 @@ class FeedbackData:
                    for text, origin, vote in zip((p.chosen, p.rejected), p.origins, (1.0, -1.0), strict=True)]
         answers += [(t.created or 0, t.prompt, t.answer, t.origin, 1.0 if t.label else -1.0) for t in self.thumbs]
         for _, prompt, text, origin, vote in sorted(answers, key=lambda a: a[0]):  # oldest vote first: newest wins
-            if matches(origin):
-                found.pop((conversation_id(prompt), text), None)
-                found[conversation_id(prompt), text] = Served(prompt, text, origin.finish_reason == "stop", vote)
-        return list(found.values())[-limit:] if limit else []
+            if sampled_as_trained(origin):
+                key = (conversation_id(prompt), text)
+                found.pop(key, None)
+                found[key] = Served(prompt, text, origin.finish_reason == "stop", vote, origin.adapter == version)
+        if not limit:
+            return []
+        own = [s for s in found.values() if s.on_policy][-limit:]
+        others = [s for s in found.values() if not s.on_policy][len(own) - limit :] if len(own) < limit else []
+        return [*others, *own]
 
 
 def unique_prompts(items: list[Pair | Thumb]) -> list[Messages]:

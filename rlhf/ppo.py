@@ -158,8 +158,9 @@ class PPOTrainer:
     ) -> list[dict[str, float]]:
         """`iterations` PPO steps on prompts drawn from the pool; progress(iteration, stats) after each.
 
-        served: answers the starting policy served to users (exact samples of it at this temperature). They make
-        the first iteration's batch instead of fresh samples: free rollouts, often many more than one batch."""
+        served: answers served to users at this temperature, by the starting policy (exact samples of it) or by a
+        neighbour of it (rlhf.data.FeedbackData.served). They make the first iteration's batch instead of fresh
+        samples: free rollouts, often many more than one batch."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
@@ -190,7 +191,9 @@ class PPOTrainer:
 
     def step_served(self, served: list[Served]) -> dict[str, float]:
         """One PPO iteration on served answers, rewarded by their users' own votes (+1 or -1) rather than by the
-        reward model: a vote is the preference itself, a reward model only its estimate. Answers to one
+        reward model: a vote is the preference itself, a reward model only its estimate. Answers another version
+        wrote are trained on as if the starting policy had sampled them (pi_old is the starting policy's own
+        logprob): the clipped ratio and the KL term start from it all the same. Answers to one
         conversation are each other's baseline; minibatches are as large as a fresh iteration's, so a batch of
         served answers takes as many more optimiser steps as it holds more answers."""
         prompts = [s.prompt for s in served]
@@ -202,7 +205,8 @@ class PPOTrainer:
         groups = torch.tensor([keys[conversation_id(p)] for p in prompts], device=self.device)
         votes = torch.tensor([s.vote for s in served], device=self.device)
         stats = self.update(self.recompute(prompts, answer_ids, batch), groups, self.config.minibatch_size, votes)
-        return stats | {"time/generate_s": 0.0, "ppo/served": float(len(served))}
+        on_policy = sum(s.on_policy for s in served)
+        return stats | {"time/generate_s": 0.0, "ppo/served": float(len(served)), "ppo/served_on_policy": on_policy}
 
     def served_ids(self, served: Served) -> list[int]:
         """A served answer's tokens as the policy would have emitted them: EOS only if it stopped there."""

@@ -194,7 +194,8 @@ class Settings(BaseSettings):
     )
     ppo_served_batch: int = Field(
         PPOConfig.served_batch, ge=0, description="Answers production served at the PPO temperature that make the "
-        "first PPO iteration's batch, rewarded by their users' votes (0: fresh samples only).",
+        "first PPO iteration's batch, rewarded by their users' votes; other versions' answers fill up when production "
+        "served fewer (0: fresh samples only).",
     )
     ppo_min_reward_accuracy: float = Field(
         PPOConfig.min_reward_accuracy, ge=0, le=1, description="With served answers to train on, a run samples fresh "

@@ -38,7 +38,25 @@ def test_served_keeps_the_answers_one_version_served_at_the_trainers_sampling_ne
         Thumb(PROMPT, "f", True, created=0, origin=Origin()),  # imported: unknown origin
     ]
     data = build_datasets(items, heldout_fraction=0.0)
-    served = data.served("v2", 0.7, limit=10)
-    assert [(s.text, s.ended, s.vote) for s in served] == [("c", False, 1.0), ("a", True, -1.0)]  # newest vote
-    assert [s.text for s in data.served("v2", 0.7, limit=1)] == ["a"]
+    served = data.served("v2", 0.7, limit=2)
+    assert [(s.text, s.ended, s.vote, s.on_policy) for s in served] == [
+        ("c", False, 1.0, True), ("a", True, -1.0, True)]
+    assert [s.text for s in data.served("v2", 0.7, limit=1)] == ["a"]  # newest vote
     assert data.served("v2", 0.7, limit=0) == []
+
+
+def test_served_fills_up_with_other_versions_answers_newest_first():
+    """A version just promoted has served few answers: the newest of the other versions' (at the same sampling
+    settings) fill the batch, its own always in it."""
+    from common.records import Origin
+
+    def thumb(text: str, created: int, adapter: str | None, temperature: float = 0.7) -> Thumb:
+        return Thumb(PROMPT, text, True, created=created, origin=Origin(adapter, "stop", temperature, None))
+
+    items = [thumb("old", 1, "base"), thumb("mine", 2, "v1"), thumb("ab", 3, "v2"), thumb("hot", 4, "base", 1.0),
+             thumb("unknown", 5, None), thumb("new", 6, "base")]
+    data = build_datasets(items, heldout_fraction=0.0)
+    served = data.served("v1", 0.7, limit=3)
+    assert [(s.text, s.on_policy) for s in served] == [("ab", False), ("new", False), ("mine", True)]
+    assert [s.text for s in data.served("v1", 0.7, limit=10)] == ["old", "ab", "new", "mine"]
+    assert [s.text for s in data.served("v1", 0.7, limit=1)] == ["mine"]

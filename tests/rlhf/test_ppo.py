@@ -194,6 +194,7 @@ def test_served_answers_make_the_first_batch_with_their_ends_kept(tiny_base):
     trainer.step = lambda prompts: calls.append(prompts) or {"fresh": 1.0}  # count the fresh iterations
     history = trainer.train(PROMPTS, 3, served=served)
     assert history[0]["ppo/served"] == 12 and history[0]["ppo/batch"] == 12 and history[0]["time/generate_s"] == 0
+    assert history[0]["ppo/served_on_policy"] == 12
     assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # served by the starting policy itself
     assert history[0]["objective/score"] == 0.0  # the votes themselves (+1 six times, -1 six times) are the scores
     assert len(calls) == 2 and history[1:] == [{"fresh": 1.0}] * 2
