@@ -138,6 +138,9 @@ class PPOTrainer:
             self.policy = PeftModel.from_pretrained(base_model, init_adapter_dir, is_trainable=True)
         else:
             self.policy = get_peft_model(base_model, peft_config(config.lora))
+        # A fresh adapter's B matrices are 0: until the first optimiser step the policy is the reference itself, and
+        # the reference's forward pass can be skipped (half of a first batch's logprob work)
+        self.at_reference = init_adapter_dir is None
         self.policy.eval()  # dropout off in rollouts and updates alike; eval mode still lets gradients through
         self.device = base_model.device
         self.value_head = ValueHead(base_model.config.hidden_size).to(self.device) if config.critic else None
@@ -278,8 +281,11 @@ class PPOTrainer:
         for rows in torch.arange(len(answer_ids), device=self.device).split(c.batch_size):
             chunk = batch.select(rows)
             logits, values = forward_answers(self.policy, chunk, c.temperature, self.value_head, c.precision)
-            with self.policy.disable_adapter():
-                ref_logits, _ = forward_answers(self.policy, chunk, c.temperature, precision=c.precision)
+            if self.at_reference:
+                ref_logits = logits
+            else:
+                with self.policy.disable_adapter():
+                    ref_logits, _ = forward_answers(self.policy, chunk, c.temperature, precision=c.precision)
             parts["logprobs"].append(token_logprobs(logits, chunk.responses))
             parts["ref_logprobs"].append(token_logprobs(ref_logits, chunk.responses))
             parts["values"].append(values if values is not None else torch.zeros_like(logits[..., 0]))
@@ -332,6 +338,7 @@ class PPOTrainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
                 self.optimizer.step()
+                self.at_reference = False
                 for name, value in (
                     ("ppo/loss/policy", pg_loss), ("ppo/policy/approx_kl", approx_kl),
                     ("ppo/policy/clipfrac", clipfrac),

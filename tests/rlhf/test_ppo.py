@@ -96,6 +96,25 @@ def test_reference_is_the_bare_base_and_the_policy_starts_as_the_adapter(tiny_ba
     assert (expected_policy - expected_ref).abs().max() > 0.1  # the adapter really changes the model
 
 
+def test_a_fresh_adapter_is_the_reference_until_its_first_update(tiny_base, tiny_model_dir):
+    """A fresh adapter leaves the base's outputs unchanged (its B matrices are 0), so recompute() skips the
+    reference's forward pass until the first optimiser step, and from then on computes it again."""
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config())
+    assert trainer.at_reference
+    rollouts = trainer.sample(PROMPTS[:4])
+    mask = rollouts.batch.response_mask
+    expected_ref = answer_logprobs(load_base(tiny_model_dir)[0], rollouts.batch, trainer.config.temperature)
+    torch.testing.assert_close(rollouts.ref_logprobs * mask, expected_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rollouts.logprobs, rollouts.ref_logprobs, atol=0, rtol=0)
+
+    trainer.step(PROMPTS[:4])
+    assert not trainer.at_reference
+    moved = trainer.recompute(rollouts.prompts, rollouts.answer_ids, rollouts.batch)
+    torch.testing.assert_close(moved.ref_logprobs * mask, expected_ref, atol=1e-5, rtol=1e-5)  # still the base
+    assert ((moved.logprobs - moved.ref_logprobs) * mask).abs().max() > 0  # the policy moved away from it
+
+
 def test_bf16_precision_runs_the_forward_under_autocast(tiny_base):
     """bf16 logprobs are close to fp32's but not equal: the autocast really applies (and only to the forward)."""
     base, tokenizer = tiny_base
