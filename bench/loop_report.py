@@ -120,8 +120,10 @@ def _interval(x: float | None, low: float | None, high: float | None) -> str:
 def _heldout_votes(metrics: dict | None) -> str:
     """The service's own reward model metric: accuracy on its held-out share of the users' votes."""
     m = metrics or {}
-    return _interval(m.get("reward/heldout_accuracy"), m.get("reward/heldout_accuracy_low"),
-                     m.get("reward/heldout_accuracy_high"))
+    interval = _interval(m.get("reward/heldout_accuracy"), m.get("reward/heldout_accuracy_low"),
+                         m.get("reward/heldout_accuracy_high"))
+    pairs = m.get("reward/heldout_pairs")
+    return interval if pairs is None or interval == "–" else f"{interval}, {pairs} pair{'s' * (pairs != 1)}"
 
 
 def run_table(results: list[dict]) -> str:

@@ -129,7 +129,9 @@ def ppo_seed1() -> dict:
         {"version": "v0002", "policy": policy([0.25, 0.45, 0.65, 0.75], 1500.0, 1900, 10.0, 24.0, 0.05)},
     ], runs=[
         run_record("b2", "promoted", "v0002", ab={"votes": 220, "win_rate": 0.6, "ci95": [0.53, 0.67],
-                                                 "against": "v0001", "reason": "users prefer it: win rate 0.6"}),
+                                                 "against": "v0001", "reason": "users prefer it: win rate 0.6"},
+                   reward_metrics={"reward/heldout_pairs": 1, "reward/heldout_accuracy": 0.0,
+                                   "reward/heldout_accuracy_low": 0.0, "reward/heldout_accuracy_high": 0.0}),
     ], reward_models=[rm("b1", 1200, (0.76, 0.69, 0.83), 0.3), rm("b2", 2000, (0.8, 0.75, 0.85), 0.5)])
 
 
@@ -175,6 +177,7 @@ def test_tables_carry_the_hand_computed_figures():
     assert "| ppo-vader-s0 | v0002 | 20.0 | 1500 | 0.275 ± 0.144 | -0.050 ± 0.029 vs v0001 | 8.00 |" in versions
     assert "| 0.81 [0.74, 0.88] |" in rows(versions, "ppo-vader-s0")[2]
     assert "| -0.100 ± 0.029 vs v0001 **regression** | 10.00 | 24.0 | 0.05 | 220 votes" in versions
+    assert rows(versions, "ppo-vader-s1")[2].endswith("| 0.00 [0.00, 0.00], 1 pair |")  # one held-out pair, misordered
     assert rows(versions, "kto-vader-s0") == ["| kto-vader-s0 | base | 0.0 | 0 | 0.075 ± 0.111 | – | 0.00 | 60.0 "
                                               "| 0.10 | – | – |"]
     # over seeds: mean of +0.200 and +0.450, their range, mean KL of 8 and 10, one regression
