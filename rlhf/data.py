@@ -63,7 +63,8 @@ class FeedbackData:
         if not limit:
             return []
         own = [s for s in found.values() if s.on_policy][-limit:]
-        others = [s for s in found.values() if not s.on_policy][len(own) - limit :] if len(own) < limit else []
+        room = limit - len(own)
+        others = [s for s in found.values() if not s.on_policy][-room:] if room else []
         return [*others, *own]
 
 

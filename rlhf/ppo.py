@@ -208,7 +208,7 @@ class PPOTrainer:
         groups = torch.tensor([keys[conversation_id(p)] for p in prompts], device=self.device)
         votes = torch.tensor([s.vote for s in served], device=self.device)
         stats = self.update(self.recompute(prompts, answer_ids, batch), groups, self.config.minibatch_size, votes)
-        on_policy = sum(s.on_policy for s in served)
+        on_policy = float(sum(s.on_policy for s in served))
         return stats | {"time/generate_s": 0.0, "ppo/served": float(len(served)), "ppo/served_on_policy": on_policy}
 
     def served_ids(self, served: Served) -> list[int]:
