@@ -65,14 +65,8 @@ class PPOConfig:
     # about ±0.06) for 0.2, 3.4 and 10.7 nats (bench/RESULTS.md, PPO against the preference itself). In the
     # learning benchmark candidates at 1e-4 spent 0.3-0.5 nats and their users could not tell them from the base
     # (blind win rates 0.511 and 0.468); at 3e-4 on served answers alone they spent 0.25 nats (0.494, 0.462); at
-    # 1e-3, 3.6 and 4.9 nats, and the second was the first candidate its users leaned toward (0.573 of 164 votes);
-    # with max_update_kl (below), 2e-3: bench/RESULTS.md, "Learning benchmark: a trust region per iteration".
-    lr: float = 2e-3
-    # An iteration stops its passes at the first minibatch whose approximate KL to the batch's sampling policy
-    # (mean over answer tokens of 0.5 * (log pi - log pi_old)^2, before its step) is above this (0: never). The
-    # clip bounds the batch's own tokens, not the rest of what the policy writes: one served iteration at lr 2e-3
-    # (40 steps) moved the policy 13.7 nats from the base where 64 steps at 1e-3 moved it 1.9.
-    max_update_kl: float = 1.0
+    # 1e-3, 3.6 and 4.9 nats, and the second was the first candidate its users leaned toward (0.573 of 164 votes).
+    lr: float = 1e-3
     max_new_tokens: int = 64
     max_prompt_tokens: int = 512  # a longer conversation keeps its end (as the reward model reads it)
     temperature: float = 0.7  # sampling temperature; training logprobs use logits / the same value

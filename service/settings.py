@@ -175,11 +175,6 @@ class Settings(BaseSettings):
     ppo_minibatch_size: int = Field(PPOConfig.minibatch_size, ge=1, description="Answers per PPO gradient step.")
     ppo_epochs: int = Field(PPOConfig.epochs, ge=1, description="Passes over each PPO batch.")
     ppo_lr: float = Field(PPOConfig.lr, gt=0, description="Policy (LoRA) learning rate in PPO.")
-    ppo_max_update_kl: float = Field(
-        PPOConfig.max_update_kl, ge=0, description="A PPO iteration stops its passes at the first minibatch whose "
-        "approximate KL to the policy that sampled the batch (mean over answer tokens of 0.5 * (log pi - log "
-        "pi_old)^2) is above this: a trust region per iteration (0: never stop early).",
-    )
     ppo_critic: bool = Field(
         PPOConfig.critic, description="Train a value head for GAE advantages. Off: each token's advantage is the "
         "answer's group-baselined score (RLOO).",
