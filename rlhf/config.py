@@ -67,6 +67,10 @@ class PPOConfig:
     # (blind win rates 0.511 and 0.468); at 3e-4 on served answers alone they spent 0.25 nats (0.494, 0.462); at
     # 1e-3, 3.6 and 4.9 nats, and the second was the first candidate its users leaned toward (0.573 of 164 votes).
     lr: float = 1e-3
+    # Nats per answer to the reference on the policy's own samples (the gate's measure, GateConfig.max_kl): a fresh
+    # batch that measures more is not trained on and the run stops there (0: never). Fresh iterations spent 7.2 and
+    # 9.1 nats in two learning-benchmark runs (bench/RESULTS.md) and 18.7 in one at lr 2e-3, the gate refusing it.
+    max_kl: float = 6.0
     max_new_tokens: int = 64
     max_prompt_tokens: int = 512  # a longer conversation keeps its end (as the reward model reads it)
     temperature: float = 0.7  # sampling temperature; training logprobs use logits / the same value

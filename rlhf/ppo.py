@@ -44,6 +44,7 @@ from rlhf.ppo_math import (
     compute_rewards,
     entropy_from_logits,
     gae,
+    kl_k1,
     kl_k3,
     kl_k3_weighted_tokens,
     leave_one_out_groups,
@@ -177,17 +178,27 @@ class PPOTrainer:
                 history.append(self.step([p for p in pool for _ in range(group)]))
             if progress is not None:
                 progress(iteration, history[-1])
+            if history[-1].get("ppo/over_max_kl"):
+                break
         return history
 
     def step(self, prompts: list[Messages]) -> dict[str, float]:
         """One PPO iteration on fresh samples, one answer per entry of prompts (with group_size > 1: consecutive
-        groups of that many copies of one prompt); returns the iteration's stats."""
+        groups of that many copies of one prompt); returns the iteration's stats. When the samples put the policy
+        more than config.max_kl nats from the reference, the batch is not trained on and the run stops there
+        (stats["ppo/over_max_kl"]): the gate would refuse a candidate further out."""
         start = time.perf_counter()
         answer_ids, batch = self.generate(prompts)
         generated = time.perf_counter()
         group = self.config.group_size
         groups = torch.arange(len(prompts), device=self.device) // group if group > 1 else None
-        stats = self.update(self.recompute(prompts, answer_ids, batch), groups, self.config.minibatch_size)
+        rollouts = self.recompute(prompts, answer_ids, batch)
+        kl = kl_k1(rollouts.logprobs, rollouts.ref_logprobs, rollouts.batch.response_mask).mean().item()
+        if self.config.max_kl and kl > self.config.max_kl:  # the policy's own samples: the gate's own measure
+            return {"objective/kl": kl, "ppo/over_max_kl": 1.0, "ppo/batch": float(len(prompts)),
+                    "time/generate_s": generated - start, "time/forward_s": rollouts.seconds, "time/score_s": 0.0,
+                    "time/update_s": 0.0, "time/rollout_s": time.perf_counter() - start}
+        stats = self.update(rollouts, groups, self.config.minibatch_size)
         stats["time/generate_s"] = generated - start
         stats["time/rollout_s"] += generated - start
         return stats

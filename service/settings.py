@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     ppo_minibatch_size: int = Field(PPOConfig.minibatch_size, ge=1, description="Answers per PPO gradient step.")
     ppo_epochs: int = Field(PPOConfig.epochs, ge=1, description="Passes over each PPO batch.")
     ppo_lr: float = Field(PPOConfig.lr, gt=0, description="Policy (LoRA) learning rate in PPO.")
+    ppo_max_kl: float = Field(
+        PPOConfig.max_kl, ge=0, description="Nats per answer to the reference, on the policy's own samples: a fresh "
+        "PPO batch that measures more is not trained on and the run stops there, before the gate's budget "
+        "(gate_max_kl). 0: never.",
+    )
     ppo_critic: bool = Field(
         PPOConfig.critic, description="Train a value head for GAE advantages. Off: each token's advantage is the "
         "answer's group-baselined score (RLOO).",

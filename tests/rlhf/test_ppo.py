@@ -79,6 +79,24 @@ def test_ppo_raises_the_reward_within_a_kl_budget(tiny_base, critic, kl_penalty,
     assert max(kls) < 5.0  # nats per answer
 
 
+def test_a_run_stops_before_training_on_a_batch_past_its_kl_budget(tiny_base):
+    """max_kl bounds the run, not one iteration: a fresh batch whose samples put the policy more than max_kl nats
+    from the reference is not trained on, and no iteration follows it."""
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, family_reward(base), tiny_config(max_kl=1e-3))
+    snapshots = []
+
+    def snapshot(iteration: int, stats: dict) -> None:
+        snapshots.append({n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad})
+
+    history = trainer.train(PROMPTS, iterations=8, progress=snapshot)
+    assert 2 <= len(history) < 8
+    assert history[-1]["ppo/over_max_kl"] == 1.0
+    assert history[-1]["objective/kl"] > 1e-3
+    assert all(stats["objective/kl"] <= 1e-3 and "ppo/over_max_kl" not in stats for stats in history[:-1])
+    assert all(torch.equal(snapshots[-1][n], p) for n, p in snapshots[-2].items())  # the last batch: no step
+
+
 def test_reference_is_the_bare_base_and_the_policy_starts_as_the_adapter(tiny_base, tiny_model_dir, tmp_path):
     base, tokenizer = tiny_base
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "prod", seed=3)
