@@ -202,7 +202,8 @@ def _verdict(met: bool, missed: str) -> str:
 
 
 def ppo_vader_targets(runs: list[dict]) -> list[Target]:
-    names = [f"PPO, vader users: held-out gain ≥ +{TARGET_GAIN} over the base, mean of {PPO_SEEDS} seeds",
+    seeds = f"mean of the seeds (at least {PPO_SEEDS})" if len(runs) > PPO_SEEDS else f"mean of {PPO_SEEDS} seeds"
+    names = [f"PPO, vader users: held-out gain ≥ +{TARGET_GAIN} over the base, {seeds}",
              f"PPO, vader users: at ≤ {KL_BUDGET:g} nats (mean KL of the last promoted)",
              f"PPO, vader users: no length collapse (length ≥ {MIN_LENGTH_RATIO} × the base's, every seed)",
              "PPO, vader users: EOS rate not below the base's (every seed)"]

@@ -18,6 +18,7 @@ from bench.loop_report import (
     final,
     groups,
     load_results,
+    ppo_vader_targets,
     report,
     reward_accuracy_target,
     reward_table,
@@ -215,6 +216,15 @@ def test_targets_met_missed_and_not_run():
     assert find("Reward model") == ["0.78 [0.72, 0.84] at 1,400 votes (ppo-vader-s0, run a3)", "met |"]
     assert find("Best-of-4") == ["65 % (ppo-vader-s0 80 %, ppo-vader-s1 50 %)", "met |"]
     assert find("0 promoted regressions") == ["1 in 4 run(s)", "missed: 1 promoted regression(s) |"]
+
+
+def test_the_gain_target_names_how_many_seeds_it_averages():
+    """Two seeds are the issue's minimum; a third joins the mean, and the target's name says so."""
+    seed2 = ppo_seed1() | {"seed": 2}
+    (two, *_), (three, *_) = ppo_vader_targets([ppo_seed0(), ppo_seed1()]), ppo_vader_targets(
+        [ppo_seed0(), ppo_seed1(), seed2])
+    assert two.name.endswith("mean of 2 seeds") and three.name.endswith("mean of the seeds (at least 2)")
+    assert three.measured == "+0.367 (s0 +0.200 ± 0.058, s1 +0.450 ± 0.000, s2 +0.450 ± 0.000)"
 
 
 def test_missing_runs_are_not_run_never_met():
