@@ -13,7 +13,6 @@ and `submit` refuses (EngineBusy) rather than queue past it.
 """
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import queue
@@ -30,11 +29,12 @@ from service.engine.batch import Rows
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.forward import Forward, make_forward
 from service.engine.grammar import Grammars, Masks
+from service.engine.logprobs import sampled_logprobs
 from service.engine.model import BaseModel
 from service.engine.prefill import Cohort, plan_cohorts
 from service.engine.prefix_cache import PrefixCache
-from service.engine.requests import Delta, EngineBusy, GenerationRequest, Limits, TokenLogprob
-from service.engine.sampling import logprobs, sample
+from service.engine.requests import Delta, EngineBusy, GenerationRequest, Limits, TokenLogprob, deliver
+from service.engine.sampling import sample
 from service.engine.threads import ThreadTuner
 from service.settings import get_settings
 
@@ -335,7 +335,8 @@ class Engine:
         self._constrain(rows, logits)
         tokens = sample(logits, rows.temperature, rows.top_p, [s.generator for s in rows.seqs], exact)  # (B,)
         rows.last = tokens
-        token_logprobs = self._logprobs(rows, logits, tokens)
+        requested = [s.request.params.logprobs for s in rows.seqs]
+        token_logprobs = sampled_logprobs(logits, rows.temperature, rows.top_p, tokens, requested, self.tokenizer)
         keep = []
         for row, (seq, token) in enumerate(zip(rows.seqs, tokens.tolist(), strict=True)):
             seq.tokens.append(token)
@@ -382,23 +383,6 @@ class Engine:
                 self._masks = Masks(self.grammars.lltok.vocab_size)
             self._masks.apply(logits, list(live), list(live.values()))
 
-    def _logprobs(self, rows: Rows, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
-        """The sampled tokens' log-probabilities, for the rows whose request asked for them (none: no work)."""
-        asked = [(row, k) for row, s in enumerate(rows.seqs) if (k := s.request.params.logprobs) is not None]
-        if not asked:
-            return {}
-        index = torch.tensor([row for row, _ in asked])
-        top = max(k for _, k in asked)
-        chosen, values, ids = logprobs(logits[index], rows.temperature[index], rows.top_p[index], tokens[index],
-                                       max(top, 1))
-        decode = self.tokenizer.decode
-        out = {}
-        for i, (row, k) in enumerate(asked):
-            best = zip(ids[i, :k].tolist(), values[i, :k].tolist(), strict=True)
-            out[row] = TokenLogprob(decode([int(tokens[row])]), float(chosen[i]),
-                                    tuple((decode([t]), v) for t, v in best))
-        return out
-
     def _remember(self, rows: Rows, row: int, seq: _Sequence) -> None:
         """Keep a finished answer's keys and values: the next turn of its conversation starts with it."""
         fed = int(rows.pos[row])  # the last token sampled was never fed
@@ -408,17 +392,6 @@ class Engine:
 
     def _flush(self) -> None:
         """Hand this step's events to the event loop in one call."""
-        if not self._outbox:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for request, item in self._outbox:
-            by_loop.setdefault(request._loop, []).append((request._queue, item))
-        self._outbox = []
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that event loop has closed; nobody is listening
-                loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, Delta | Exception]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            deliver(events)

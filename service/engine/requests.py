@@ -1,9 +1,11 @@
 """What a caller hands the engine and gets back: a request with its sampling parameters, and text deltas.
 
-`Limits` is how the engine shares itself out between callers (engine.py).
+`Limits` is how the engine shares itself out between callers (engine.py); `deliver` carries the deltas from
+the engine thread to the callers' event loops.
 """
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -111,3 +113,18 @@ class GenerationRequest:
                 remaining -= item.finish_reason is not None
                 batch.append(item)
             yield batch
+
+
+def deliver(events: list[tuple[GenerationRequest, Delta | Exception]]) -> None:
+    """Hand events from the engine thread to their requests' queues: one call onto each event loop involved."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for request, item in events:
+        by_loop.setdefault(request._loop, []).append((request._queue, item))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that event loop has closed; nobody is listening
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Delta | Exception]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
