@@ -21,7 +21,7 @@ import random
 import statistics
 import time
 
-from service.feedback.ab import ABRules, ABTest, decide
+from service.feedback.ab import ABRules, ABTest, Evidence, decide
 from service.settings import Settings
 from workers.tasks import ab_rules
 
@@ -39,7 +39,7 @@ def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s
         now += look_s
         while len(scores) < int(votes_per_min * now / 60):
             scores.append(0.5 if rng.random() < ties else float(rng.random() < win))
-        verdict, reason = decide(scores, test, now, rules)
+        verdict, reason = decide(Evidence(scores), test, now, rules)
         if verdict != "wait":
             if verdict == "reject" and "deadline" in reason:
                 verdict = "deadline"

@@ -234,9 +234,10 @@ class Settings(BaseSettings):
         GateConfig.min_win_rate, ge=0, le=1, description="Reward-model win rate the candidate needs."
     )
     ab_share: float = Field(
-        1.0, ge=0, le=1, description="Share of comparison requests (n = 2, model chatloop) that a running A/B test "
-        "answers with one answer from production and one from the candidate, blind: users who compare answers anyway "
-        "decide between the two policies. 0: no A/B test, the offline checks alone promote.",
+        1.0, ge=0, le=1, description="Share of requests to model chatloop that a running A/B test answers, blind: a "
+        "comparison (n = 2) with one answer from production and one from the candidate, a single answer with one from "
+        "either at even odds; the users' votes and thumbs on them decide between the two policies. 0: no A/B test, "
+        "the offline checks alone promote.",
     )
     ab_deadline_s: int = Field(
         1200, ge=10, description="An A/B test without a verdict by then is decided: rejected, or by the offline "

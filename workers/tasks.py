@@ -7,7 +7,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from common.models import BASE
-from service.feedback.ab import ABRules, ABTest, decide, win_rate_interval
+from service.feedback.ab import ABRules, ABTest, Evidence, decide, win_rate_interval
 from service.feedback.ab import outcomes as ab_outcomes
 from service.settings import Settings, get_settings
 from service.store import ab_tests, feedback_store, registry, runs
@@ -43,8 +43,8 @@ def ab_rules(settings: Settings) -> ABRules:
                    confidence=settings.ab_confidence)
 
 
-async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> tuple[str, list[float]]:
-    """(production now, the candidate's score in each counted blind vote since the test started)."""
+async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> tuple[str, Evidence]:
+    """(production now, the blind votes on the two versions' answers since the test started)."""
     events = [event for _, event in await feedback_store.all_events(redis, since=test.started)]
     return await registry.production(redis), ab_outcomes(events, test, max_votes_per_voter)
 
@@ -73,14 +73,15 @@ def settle_ab(settings: Settings) -> dict | None:
     test = arun(settings, ab_tests.active)
     if test is None:
         return None
-    production, scores = arun(settings, ab_evidence, test, settings.ab_max_votes_per_voter)
+    production, votes = arun(settings, ab_evidence, test, settings.ab_max_votes_per_voter)
+    rules = ab_rules(settings)
     if production != test.production:
         verdict, reason = "reject", f"production changed to {production} during the test"
     else:
-        verdict, reason = decide(scores, test, time.time(), ab_rules(settings))
-    mean, lower, upper = win_rate_interval(scores)
-    evidence = {"votes": len(scores), "win_rate": mean, "ci95": [lower, upper], "against": test.production,
-                "reason": reason}
+        verdict, reason = decide(votes, test, time.time(), rules)
+    mean, lower, upper = win_rate_interval(votes, rules.confidence, rules.bootstrap, rules.seed, rules.thumb_weight)
+    evidence = {"votes": votes.votes, "win_rate": mean, "ci95": [lower, upper], "against": test.production,
+                "reason": reason, **votes.as_dict()}
     if verdict == "wait":
         runs.update_run(runs.client(settings), test.run_id, ab=evidence)
         return {"run_id": test.run_id, "status": "ab_test", **evidence}

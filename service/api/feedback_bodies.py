@@ -130,6 +130,7 @@ def thumb_event(body: ThumbRequest, record: CompletionRecord, caller: Caller) ->
         kind="thumb", created=int(time.time()), voter=caller.principal, user=body.user or record.user,
         prompt=record.messages, conversation=record.conversation,
         answers=[answer(record, body.choice_index, "choice_index")], rating=body.score, comment=body.comment,
+        blind=record.blind,  # served without its version: an A/B test outcome when production or its candidate wrote it
     )
 
 

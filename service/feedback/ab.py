@@ -1,19 +1,30 @@
 """The online A/B test that decides a candidate's promotion: evidence from the users, not from the reward model.
 
-A candidate that passed the offline checks answers a share of the comparison traffic: such a request gets one
-answer from production and one from the candidate, in random order, and nobody is told which is which. Each
-vote on such a pair is one outcome for the candidate: 1 if its answer was preferred, 0 if production's was,
-1/2 for a tie. The candidate is promoted when the 95 % bootstrap lower bound of its win rate is above 1/2,
-rejected when the upper bound is below 1/2 or the deadline passes with enough votes and neither happened; with
-fewer than `min_votes` by the deadline (a quiet deployment), the offline checks decide alone.
+A candidate that passed the offline checks answers a share of production's traffic, blind: a comparison request
+gets one answer from production and one from the candidate, in random order; a single-answer request gets one
+answer from either, at even odds. Nobody is told which version wrote what. The evidence is of two kinds:
+
+- a vote on such a pair is one outcome for the candidate: 1 if its answer was preferred, 0 if production's was,
+  1/2 for a tie; their mean p is its win rate;
+- a thumb on such an answer is 1 (up) or 0 (down), and the two versions' thumbs-up rates u_c and u_p give
+  q = 1/2 + (u_c - u_p) / 2, the chance that a thumb on a candidate answer beats one on a production answer, ties
+  counting half: a win rate too, 1/2 when the users like the two alike.
+
+The test's win rate pools them, (n_c p + w n_t q) / (n_c + w n_t), with n_c comparisons, n_t thumbs (an
+effective number, fewer when one version got most of them) and w = `thumb_weight`: a thumb judges one answer
+without a reference, so it moves q half as far as a vote moves p and counts half (as in the reward model). Thumbs
+are half of a chat service's feedback or more, so they shorten the test where they are. The interval is a
+stratified percentile bootstrap (each kind resampled on its own). The candidate is promoted when the interval's
+lower bound is above 1/2, rejected when its upper bound is below 1/2 or the deadline passes with enough votes and
+neither happened; with fewer than `min_votes` by the deadline (a quiet deployment), the offline checks decide alone.
 
 Only blind votes count (answers served without their versions), only the newest vote of each voter on each
-pair, and at most `max_votes_per_voter` from any one voter, so that no single caller can vote a candidate in.
+answer, and at most `max_votes_per_voter` from any one voter, so that no single caller can vote a candidate in.
 """
 
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from service.feedback.events import FeedbackEvent
@@ -45,54 +56,109 @@ class ABRules:
     min_votes: int  # fewer by the deadline: the offline checks decide alone; and no verdict before this many
     max_votes_per_voter: int
     confidence: float = 0.95
+    thumb_weight: float = 0.5  # a thumb's weight against a comparison's in the pooled win rate
     bootstrap: int = 2000
     seed: int = 0
 
 
-def outcomes(events: list[FeedbackEvent], test: ABTest, max_votes_per_voter: int) -> list[float]:
-    """The candidate's score in each counted vote (1 win, 0 loss, 0.5 tie), oldest first."""
-    pair = {test.candidate, test.production}
+@dataclass(frozen=True)
+class Evidence:
+    """The blind votes a test counts, oldest first."""
+
+    comparisons: list[float] = field(default_factory=list)  # the candidate's outcome: 1 win, 0 loss, 1/2 tie
+    candidate_thumbs: list[float] = field(default_factory=list)  # 1 up, 0 down, on the candidate's answers
+    production_thumbs: list[float] = field(default_factory=list)  # the same on production's
+
+    @property
+    def votes(self) -> int:
+        return len(self.comparisons) + len(self.candidate_thumbs) + len(self.production_thumbs)
+
+    def as_dict(self) -> dict:
+        """The counts and rates a run record shows."""
+        rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+        return {"comparisons": len(self.comparisons), "comparison_win_rate": rate(self.comparisons),
+                "thumbs": [len(self.candidate_thumbs), len(self.production_thumbs)],
+                "thumbs_up_rate": [rate(self.candidate_thumbs), rate(self.production_thumbs)]}
+
+
+def outcomes(events: list[FeedbackEvent], test: ABTest, max_votes_per_voter: int) -> Evidence:
+    """The blind votes on the candidate's and production's answers, as the test counts them."""
+    versions = {test.candidate, test.production}
     per_voter: dict[str, int] = defaultdict(int)
-    scores = []
-    for event in latest_votes(e for e in events if e.kind == "comparison" and e.blind):
+    evidence = Evidence()
+    for event in latest_votes(e for e in events if e.blind):
         adapters = [a.adapter for a in event.answers]
-        if len(adapters) != 2 or set(adapters) != pair or per_voter[event.voter] >= max_votes_per_voter:
+        if per_voter[event.voter] >= max_votes_per_voter:
             continue
-        if event.verdict == "tie":
-            score = 0.5
-        elif event.preferred is not None or event.ranking is not None:
-            winner = event.preferred if event.preferred is not None else event.ranking[0]
-            score = 1.0 if adapters[winner] == test.candidate else 0.0
-        else:  # "both bad" says nothing about which is better
-            continue
+        if event.kind == "thumb":
+            if adapters[0] not in versions:
+                continue
+            thumbs = evidence.candidate_thumbs if adapters[0] == test.candidate else evidence.production_thumbs
+            thumbs.append(1.0 if event.rating == 1 else 0.0)
+        else:
+            if len(adapters) != 2 or set(adapters) != versions:
+                continue
+            if event.verdict == "tie":
+                score = 0.5
+            elif event.preferred is not None or event.ranking is not None:
+                winner = event.preferred if event.preferred is not None else event.ranking[0]
+                score = 1.0 if adapters[winner] == test.candidate else 0.0
+            else:  # "both bad" says nothing about which is better
+                continue
+            evidence.comparisons.append(score)
         per_voter[event.voter] += 1
-        scores.append(score)
-    return scores
+    return evidence
 
 
-def win_rate_interval(scores: list[float], confidence: float = 0.95, bootstrap: int = 2000,
-                      seed: int = 0) -> tuple[float, float, float]:
-    """(mean, lower, upper): the win rate and its percentile bootstrap interval."""
-    if not scores:
+def _weights(evidence: Evidence, thumb_weight: float) -> tuple[float, float]:
+    """(comparisons', thumbs') weights in the pooled win rate: their numbers, thumbs as an effective number
+    (4 n_c n_p / (n_c + n_p): all of them when the versions got even shares, fewer when one got most) times the
+    thumb weight."""
+    n_c, n_p = len(evidence.candidate_thumbs), len(evidence.production_thumbs)
+    thumbs = 4 * n_c * n_p / (n_c + n_p) if n_c and n_p else 0.0
+    return float(len(evidence.comparisons)), thumb_weight * thumbs
+
+
+def pooled_win_rate(comparisons: list[float], candidate_thumbs: list[float], production_thumbs: list[float],
+                    weights: tuple[float, float]) -> float:
+    w_c, w_t = weights
+    p = sum(comparisons) / len(comparisons) if w_c else 0.5
+    q = 0.5 + (sum(candidate_thumbs) / len(candidate_thumbs) - sum(production_thumbs) / len(production_thumbs)) / 2 \
+        if w_t else 0.5
+    return (w_c * p + w_t * q) / (w_c + w_t)
+
+
+def win_rate_interval(evidence: Evidence, confidence: float = 0.95, bootstrap: int = 2000, seed: int = 0,
+                      thumb_weight: float = 0.5) -> tuple[float, float, float]:
+    """(mean, lower, upper): the pooled win rate and its percentile bootstrap interval, each kind of vote
+    resampled on its own (the weights depend on the numbers only, which resampling keeps)."""
+    weights = _weights(evidence, thumb_weight)
+    if not any(weights):
         return 0.5, 0.0, 1.0
     rng = random.Random(seed)
-    n = len(scores)
-    means = sorted(sum(rng.choices(scores, k=n)) / n for _ in range(bootstrap))
+    kinds = (evidence.comparisons, evidence.candidate_thumbs, evidence.production_thumbs)
+    means = sorted(pooled_win_rate(*(rng.choices(xs, k=len(xs)) if xs else xs for xs in kinds), weights=weights)
+                   for _ in range(bootstrap))
     tail = (1 - confidence) / 2
-    return sum(scores) / n, means[int(tail * (bootstrap - 1))], means[int((1 - tail) * (bootstrap - 1))]
+    mean = pooled_win_rate(*kinds, weights=weights)
+    return mean, means[int(tail * (bootstrap - 1))], means[int((1 - tail) * (bootstrap - 1))]
 
 
-def decide(scores: list[float], test: ABTest, now: float, rules: ABRules) -> tuple[Verdict, str]:
+def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules) -> tuple[Verdict, str]:
     """The verdict on the candidate so far, and why."""
-    mean, lower, upper = win_rate_interval(scores, rules.confidence, rules.bootstrap, rules.seed)
-    summary = f"win rate {mean:.3f} [{lower:.3f}, {upper:.3f}] over {len(scores)} votes"
-    if len(scores) >= rules.min_votes:
+    mean, lower, upper = win_rate_interval(evidence, rules.confidence, rules.bootstrap, rules.seed,
+                                           rules.thumb_weight)
+    summary = f"win rate {mean:.3f} [{lower:.3f}, {upper:.3f}] over {evidence.votes} votes"
+    if evidence.candidate_thumbs or evidence.production_thumbs:
+        summary += f" ({len(evidence.comparisons)} comparisons, {len(evidence.candidate_thumbs)} + " \
+                   f"{len(evidence.production_thumbs)} thumbs)"
+    if evidence.votes >= rules.min_votes:
         if lower > 0.5:
             return "promote", f"users prefer it: {summary}"
         if upper < 0.5:
             return "reject", f"users prefer production: {summary}"
     if now < test.deadline:
         return "wait", summary
-    if len(scores) < rules.min_votes:
+    if evidence.votes < rules.min_votes:
         return "promote", f"deadline passed with too few votes to tell ({summary}); the offline checks decide"
     return "reject", f"deadline passed without evidence that users prefer it: {summary}"

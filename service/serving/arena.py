@@ -2,10 +2,10 @@
 
 Two ways in. The arena (model `chatloop-arena`, asked for on purpose) pairs production with the candidate
 under test, else the newest other version, else the base. The online A/B test (service/feedback/ab.py) takes
-a share of the ordinary comparison traffic, requests to `chatloop` with n = 2, and answers each with one
-answer from production and one from the candidate. Either way the pair comes in random order, the response is
-labelled with a blind label instead of a version, the completion log records which version wrote which
-choice, and the vote's receipt reveals them. Blind votes feed the leaderboard
+a share of the ordinary traffic to `chatloop`: a comparison request (n = 2) gets one answer from production and
+one from the candidate, a single-answer request one answer from either at even odds. Either way the response is
+labelled with a blind label instead of a version, pairs come in random order, the completion log records which
+version wrote which choice, and the vote's receipt reveals them. Blind votes feed the leaderboard
 (service/feedback/leaderboard.py) and decide the A/B test.
 """
 
@@ -40,17 +40,18 @@ async def pick_pair(redis: Redis, production: str, rng: random.Random) -> list[s
     return pair
 
 
-async def ab_pair(redis: Redis, production: str, n: int, share: float, rng: random.Random) -> list[str] | None:
-    """For a comparison request (n = 2) to the production model: the A/B pair, in random order, for `share` of
-    them while a test of a candidate against this production runs; None otherwise."""
-    if n != 2 or share <= 0 or rng.random() >= share:
+async def ab_versions(redis: Redis, production: str, n: int, share: float, rng: random.Random) -> list[str] | None:
+    """For a request to the production model, while a test of a candidate against this production runs and for
+    `share` of such requests: who answers each choice. A comparison (n = 2): production and the candidate in random
+    order; a single answer: one of them at even odds. None otherwise (and for n > 2, which the test does not use)."""
+    if n > 2 or share <= 0 or rng.random() >= share:
         return None
     test = await ab_tests.active(redis)
     if test is None or test.production != production:
         return None
     pair = [production, test.candidate]
     rng.shuffle(pair)
-    return pair
+    return pair[:n]
 
 
 class MergedRequest:
@@ -70,7 +71,8 @@ class MergedRequest:
         async def pump(index: int, request: GenerationRequest) -> None:
             try:
                 async for delta in request.stream():
-                    await queue.put(Delta(index, delta.text, delta.finish_reason, delta.completion_tokens))
+                    await queue.put(Delta(index, delta.text, delta.finish_reason, delta.completion_tokens,
+                                          delta.logprobs))
             except Exception as exc:
                 await queue.put(exc)
 

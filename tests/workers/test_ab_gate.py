@@ -7,7 +7,7 @@ import time
 from redis.asyncio import Redis
 
 from common.models import BASE
-from service.feedback.ab import ABTest, decide
+from service.feedback.ab import ABTest, Evidence, decide
 from service.feedback.events import AnswerRef, FeedbackEvent
 from service.settings import Settings
 from service.store import ab_tests, feedback_store, redis_keys, registry, runs
@@ -242,6 +242,6 @@ def test_beats_check_has_a_queue_of_its_own():
 def test_the_interval_level_setting_reaches_the_workers_rule(redis_url):
     """27 wins in 40 votes: the 95 % interval's lower bound is above 1/2 (~0.53), the 99 % one's below (~0.48)."""
     test = ABTest(candidate="c", production="p", run_id="r", started=0, deadline=3600)
-    scores = [1.0] * 27 + [0.0] * 13
+    scores = Evidence([1.0] * 27 + [0.0] * 13)
     assert decide(scores, test, 1, ab_rules(settings_for(redis_url)))[0] == "promote"
     assert decide(scores, test, 1, ab_rules(settings_for(redis_url, ab_confidence=0.99)))[0] == "wait"

@@ -32,11 +32,12 @@ async def chat_completions(
             adapter = await state.adapters.adapter_for(body.model)
         except UnknownModel:
             raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
-        if body.model == PRODUCTION_MODEL:  # a share of the comparison traffic answers a running A/B test
-            pair = await arena.ab_pair(state.redis, adapter, body.n, state.settings.ab_share, RNG)
+        if body.model == PRODUCTION_MODEL:  # a share of the traffic answers a running A/B test, blind
+            pair = await arena.ab_versions(state.redis, adapter, body.n, state.settings.ab_share, RNG)
             if pair is not None:
                 try:
-                    await state.adapters.ensure_loaded(next(v for v in pair if v != adapter))
+                    for version in pair:
+                        await state.adapters.ensure_loaded(version)
                     adapter = arena.AB_LABEL
                 except AdapterUnavailable:  # the candidate cannot be served here: production answers alone
                     pair = None

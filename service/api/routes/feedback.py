@@ -27,7 +27,7 @@ class FeedbackReceipt(BaseModel):
     id: str  # the stream event id
     status: str  # recorded | replaced | unchanged
     pairs: int = 0
-    adapters: list[str] | None = None  # which version wrote each compared answer, revealed after the vote
+    adapters: list[str] | None = None  # which version wrote each compared (or blind) answer, revealed after the vote
 
 
 async def _record(redis: Redis, completion_id: str, param: str = "completion_id") -> CompletionRecord:
@@ -44,7 +44,7 @@ async def _cast(redis: Redis, event: FeedbackEvent) -> FeedbackReceipt:
         raise APIError(404, "a completion expired while recording the vote", "completion_id",
                        "completion_not_found") from None
     metrics.FEEDBACK.labels(event.kind, status).inc()
-    adapters = [a.adapter for a in event.answers] if event.kind == "comparison" else None
+    adapters = [a.adapter for a in event.answers] if event.kind == "comparison" or event.blind else None
     return FeedbackReceipt(id=event_id, status=status, pairs=event.pair_count(), adapters=adapters)
 
 

@@ -1,5 +1,6 @@
-"""The A/B test as users meet it: a share of the comparison requests to `chatloop` is answered by production and
-the candidate, blind; the vote on it is a blind outcome with both versions on record (real server and Redis)."""
+"""The A/B test as users meet it: a share of the requests to `chatloop` is answered by production and the candidate,
+blind (a pair for a comparison request, either one for a single answer); the vote on it is a blind outcome with the
+versions on record (real server and Redis)."""
 
 import asyncio
 import json
@@ -40,8 +41,17 @@ def test_comparison_requests_meet_the_candidate_blind(tiny_model_dir, tmp_path, 
     env = tiny_server_env(tiny_model_dir, tmp_path, redis_url) | {"CHATLOOP_AB_SHARE": "1"}
     with running_server(env, tmp_path / "server.log", fresh_redis=False) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
-        single = client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4)
-        assert single.system_fingerprint == test.production  # one answer: no comparison, production answers
+        many = client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4, n=3)
+        assert many.system_fingerprint == test.production  # three answers: not the test's
+        singles = [client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4, logprobs=True)
+                   for _ in range(16)]
+        assert {s.system_fingerprint for s in singles} == {"ab-test"}  # one answer, from either, unnamed
+        assert all(s.choices[0].logprobs.content for s in singles)  # what the caller asked for still comes
+        writers = [json.loads(redis_sync.get(f"chatloop:completion:{s.id}")) for s in singles]
+        assert all(w["blind"] for w in writers)
+        assert {w["choices"][0]["adapter"] for w in writers} == {test.production, test.candidate}  # 2^-15 to fail
+        receipt = httpx.post(f"{url}/v1/feedback", json={"completion_id": singles[0].id, "rating": "up"}).json()
+        assert receipt["adapters"] == [writers[0]["choices"][0]["adapter"]]  # the receipt reveals it
         pair = client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4, n=2, seed=3)
         assert pair.system_fingerprint == "ab-test" and len(pair.choices) == 2  # nothing says which is which
         logged = json.loads(redis_sync.get(f"chatloop:completion:{pair.id}"))
@@ -61,8 +71,8 @@ def test_comparison_requests_meet_the_candidate_blind(tiny_model_dir, tmp_path, 
         return found
 
     votes = asyncio.run(events())
-    assert [e.blind for e in votes] == [True, False]
-    winner = votes[0].answers[0]
+    assert [(e.kind, e.blind) for e in votes] == [("thumb", True), ("comparison", True), ("comparison", False)]
+    winner = votes[1].answers[0]
     assert winner.adapter in (test.production, test.candidate) and winner.temperature == 1.0
 
 
