@@ -2,15 +2,19 @@
 do: the service's own decision rule (`service.feedback.ab.decide` with the service's default settings) on
 simulated streams of blind votes.
 
-One trial is one test. Votes arrive at `--votes-per-min` (the learning benchmark's tests collected 20-25 a
-minute); each is a tie (1/2) with probability `--ties` and otherwise a win for the candidate with the probability
-that makes its expected outcome the true win rate p. Beat looks once every `retrain_every_s` (as `chatloop beat`
-does), and the test ends at the first verdict or at `ab_deadline_s`. For each p the table gives the share of
-trials promoted, rejected by the evidence and rejected at the deadline, and the median number of votes and
-minutes at a promotion. With p = 0.5 every promotion is a false one: a rule with a fixed 95 % interval looked at
-every minute promotes more often than the 2.5 % a single look would.
+One trial is one test. Comparison votes arrive at `--votes-per-min` (the learning benchmark's tests collected
+20-36 a minute); each is a tie (1/2) with probability `--ties` and otherwise a win for the candidate with the
+probability that makes its expected outcome the true win rate p. Thumbs on single answers arrive at each
+`--thumbs-per-min` (0: comparisons only, as before the test counted thumbs), split evenly between the two
+versions at random; production's are up with probability `--thumbs-up`, the candidate's with that plus
+`--thumb-gap` x (p - 1/2): on the learning benchmark's held-out answers, the promoted PPO versions' thumbs-up
+rates rose by 0.04-0.045 where their win rates were 0.534-0.545, a gap of about 1. Beat looks once every
+`retrain_every_s` (as `chatloop beat` does), and the test ends at the first verdict or at `ab_deadline_s`. For
+each p the table gives the share of trials promoted, rejected by the evidence and rejected at the deadline, and
+the median number of votes and minutes at a promotion. With p = 0.5 every promotion is a false one: a rule with
+a fixed 95 % interval looked at every minute promotes more often than the 2.5 % a single look would.
 
-    .venv/bin/python -m bench.ab_gate [--trials 200 --rates 0.45 0.5 0.55 0.6]
+    .venv/bin/python -m bench.ab_gate [--trials 200 --rates 0.45 0.5 0.55 0.6 --thumbs-per-min 0 25]
     CHATLOOP_AB_CONFIDENCE=0.99 .venv/bin/python -m bench.ab_gate   # any CHATLOOP_AB_* setting, as the service reads it
 
 Pure CPU, a few minutes on 2 cores with the default 2,000 bootstrap resamples per look.
@@ -20,30 +24,44 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 from service.feedback.ab import ABRules, ABTest, Evidence, decide
 from service.settings import Settings
 from workers.tasks import ab_rules
 
 
+@dataclass(frozen=True)
+class Thumbs:
+    per_min: float = 0.0  # thumbs a minute on the test's single answers, both versions together
+    up: float = 0.44  # production's thumbs-up rate (the base's on the learning benchmark's held-out answers)
+    gap: float = 1.0  # the candidate's is higher by gap x (p - 1/2)
+
+
 def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s: int, deadline_s: int,
-             rng: random.Random) -> tuple[str, int, float]:
+             rng: random.Random, thumbs: Thumbs = Thumbs()) -> tuple[str, int, float]:
     """(verdict, votes, minute) of one simulated test."""
     test = ABTest(candidate="candidate", production="production", run_id="sim", started=0.0, deadline=deadline_s)
     if not ties / 2 <= p <= 1 - ties / 2:
         raise ValueError(f"a win rate of {p} is impossible with {ties:.0%} ties")
     win = (p - ties / 2) / (1 - ties) if ties < 1 else 0.0  # P(win | not a tie): the expected outcome is p
-    scores: list[float] = []
-    now = 0.0
+    up = {"candidate": min(1.0, max(0.0, thumbs.up + thumbs.gap * (p - 0.5))), "production": thumbs.up}
+    evidence = Evidence()
+    now, thumbed = 0.0, 0
     while True:
         now += look_s
-        while len(scores) < int(votes_per_min * now / 60):
-            scores.append(0.5 if rng.random() < ties else float(rng.random() < win))
-        verdict, reason = decide(Evidence(scores), test, now, rules)
+        while len(evidence.comparisons) < int(votes_per_min * now / 60):
+            evidence.comparisons.append(0.5 if rng.random() < ties else float(rng.random() < win))
+        while thumbed < int(thumbs.per_min * now / 60):
+            version = rng.choice(("candidate", "production"))
+            arm = evidence.candidate_thumbs if version == "candidate" else evidence.production_thumbs
+            arm.append(float(rng.random() < up[version]))
+            thumbed += 1
+        verdict, reason = decide(evidence, test, now, rules)
         if verdict != "wait":
             if verdict == "reject" and "deadline" in reason:
                 verdict = "deadline"
-            return verdict, len(scores), now / 60
+            return verdict, evidence.votes, now / 60
 
 
 def main() -> None:
@@ -51,30 +69,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.45, 0.5, 0.55, 0.6], help="true win rates")
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--votes-per-min", type=float, default=25.0)
+    parser.add_argument("--votes-per-min", type=float, default=25.0, help="comparison votes a minute")
     parser.add_argument("--ties", type=float, default=0.13, help="share of tied votes (the benchmark's ~13 %%)")
+    parser.add_argument("--thumbs-per-min", type=float, nargs="+", default=[0.0, 25.0],
+                        help="thumbs a minute on the test's single answers; one table for each")
+    parser.add_argument("--thumbs-up", type=float, default=Thumbs.up, help="production's thumbs-up rate")
+    parser.add_argument("--thumb-gap", type=float, default=Thumbs.gap,
+                        help="the candidate's thumbs-up rate is higher by this x (win rate - 1/2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rules = ab_rules(settings)  # the worker's own, from the settings (CHATLOOP_AB_*)
     print(f"rule: promote when the {rules.confidence:.0%} bootstrap lower bound ({rules.bootstrap} resamples) > 0.5, "
           f"reject when the upper bound < 0.5, not before {rules.min_votes} votes; a look every "
           f"{settings.retrain_every_s} s, deadline {settings.ab_deadline_s} s; {args.votes_per_min:g} votes a minute, "
-          f"{args.ties:.0%} ties; {args.trials} trials per rate")
-    print()
-    print("| true win rate | promoted | rejected by the votes | rejected at the deadline | votes at promotion "
-          "(median) | minute of promotion (median) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"{args.ties:.0%} ties; thumbs up at {args.thumbs_up:.2f} on production, higher by {args.thumb_gap:g} x "
+          f"(win rate - 1/2) on the candidate, a thumb weighing {rules.thumb_weight:g}; {args.trials} trials per rate")
     start = time.perf_counter()
-    for p in args.rates:
-        rng = random.Random(args.seed)
-        results = [one_test(p, args.ties, args.votes_per_min, rules, settings.retrain_every_s,
-                            settings.ab_deadline_s, rng) for _ in range(args.trials)]
-        share = {v: sum(r[0] == v for r in results) / len(results) for v in ("promote", "reject", "deadline")}
-        promoted = [r for r in results if r[0] == "promote"]
-        votes = f"{statistics.median(r[1] for r in promoted):.0f}" if promoted else "–"
-        minute = f"{statistics.median(r[2] for r in promoted):.0f}" if promoted else "–"
-        print(f"| {p:.2f} | {share['promote']:.1%} | {share['reject']:.1%} | {share['deadline']:.1%} | {votes} | "
-              f"{minute} |", flush=True)
+    for per_min in args.thumbs_per_min:
+        thumbs = Thumbs(per_min, args.thumbs_up, args.thumb_gap)
+        print(f"\n{per_min:g} thumbs a minute\n")
+        print("| true win rate | promoted | rejected by the votes | rejected at the deadline | votes at promotion "
+              "(median) | minute of promotion (median) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for p in args.rates:
+            rng = random.Random(args.seed)
+            results = [one_test(p, args.ties, args.votes_per_min, rules, settings.retrain_every_s,
+                                settings.ab_deadline_s, rng, thumbs) for _ in range(args.trials)]
+            share = {v: sum(r[0] == v for r in results) / len(results) for v in ("promote", "reject", "deadline")}
+            promoted = [r for r in results if r[0] == "promote"]
+            votes = f"{statistics.median(r[1] for r in promoted):.0f}" if promoted else "–"
+            minute = f"{statistics.median(r[2] for r in promoted):.0f}" if promoted else "–"
+            print(f"| {p:.2f} | {share['promote']:.1%} | {share['reject']:.1%} | {share['deadline']:.1%} | {votes} | "
+                  f"{minute} |", flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 
