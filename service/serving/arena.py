@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from common.models import BASE
 from service.engine.engine import Delta, GenerationRequest
 from service.errors import APIError
+from service.serving.adapters import AdapterManager, AdapterUnavailable
 from service.store import ab_tests, registry
 
 ARENA_MODEL = "chatloop-arena"
@@ -52,6 +53,20 @@ async def ab_versions(redis: Redis, production: str, n: int, share: float, rng: 
     pair = [production, test.candidate]
     rng.shuffle(pair)
     return pair[:n]
+
+
+async def ab_answerers(adapters: AdapterManager, production: str, n: int, share: float,
+                       rng: random.Random) -> list[str] | None:
+    """ab_versions, loaded on this replica: None (production answers, as itself) when the candidate cannot be."""
+    versions = await ab_versions(adapters.redis, production, n, share, rng)
+    if versions is None:
+        return None
+    try:
+        for version in versions:
+            await adapters.ensure_loaded(version)
+    except AdapterUnavailable:
+        return None
+    return versions
 
 
 class MergedRequest:

@@ -11,7 +11,7 @@ from service.api.deps import ChatCaller, ReadyDep, with_body_model
 from service.api.schemas import ChatCompletion, ChatCompletionRequest, chat_request_model
 from service.errors import APIError
 from service.serving import arena
-from service.serving.adapters import PRODUCTION_MODEL, AdapterUnavailable, UnknownModel
+from service.serving.adapters import PRODUCTION_MODEL, UnknownModel
 from service.settings import Settings
 
 ADAPTER_HEADER = "X-Chatloop-Adapter"
@@ -33,14 +33,9 @@ async def chat_completions(
         except UnknownModel:
             raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
         if body.model == PRODUCTION_MODEL:  # a share of the traffic answers a running A/B test, blind
-            pair = await arena.ab_versions(state.redis, adapter, body.n, state.settings.ab_share, RNG)
+            pair = await arena.ab_answerers(state.adapters, adapter, body.n, state.settings.ab_share, RNG)
             if pair is not None:
-                try:
-                    for version in pair:
-                        await state.adapters.ensure_loaded(version)
-                    adapter = arena.AB_LABEL
-                except AdapterUnavailable:  # the candidate cannot be served here: production answers alone
-                    pair = None
+                adapter = arena.AB_LABEL
     # Validate (template, tokenise: off the event loop) before loading any adapter a request names: a bad
     # request must cost no merge. The caller's identity goes with it, for the engine's per-caller limits.
     prepared = await completions.prepare_async(body, adapter, state.base.tokenizer, state.settings,

@@ -7,10 +7,10 @@ from service.api import completions
 from service.api.answer_log import answer_logger
 from service.api.deps import ChatCaller, ReadyDep
 from service.api.responses import ResponseBuilder, ResponsesRequest, from_chat, new_ids, stream_events
-from service.api.routes.chat import ADAPTER_HEADER
+from service.api.routes.chat import ADAPTER_HEADER, RNG
 from service.errors import APIError
 from service.serving import arena
-from service.serving.adapters import UnknownModel
+from service.serving.adapters import PRODUCTION_MODEL, UnknownModel
 
 CHAT_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens"}
 router = APIRouter(prefix="/v1", tags=["responses"])
@@ -26,7 +26,12 @@ async def create_response(
         adapter = await state.adapters.adapter_for(body.model)
     except UnknownModel:
         raise APIError(404, f"The model '{body.model}' does not exist", "model", "model_not_found") from None
-    await state.adapters.ensure_loaded(adapter)
+    versions = None
+    if body.model == PRODUCTION_MODEL:  # one answer, as in chat completions: a running A/B test's, blind
+        versions = await arena.ab_answerers(state.adapters, adapter, 1, state.settings.ab_share, RNG)
+        adapter = arena.AB_LABEL if versions else adapter
+    if versions is None:
+        await state.adapters.ensure_loaded(adapter)
     chat = body.chat_request()
     try:
         prepared = await completions.prepare_async(
@@ -37,8 +42,9 @@ async def create_response(
         raise
     response_id, message_id = new_ids()
     prepared.id = response_id  # the completion log (and so feedback) knows the answer by its response id
+    prepared.choice_adapters = versions
     builder = ResponseBuilder(body, response_id, message_id, prepared.created)
-    log_answer = answer_logger(state, prepared, chat, adapter, caller.principal)
+    log_answer = answer_logger(state, prepared, chat, adapter, caller.principal, blind=versions is not None)
     request = completions.submit(state.engine, prepared)
     headers = {ADAPTER_HEADER: adapter}
     if body.stream:

@@ -52,6 +52,10 @@ def test_comparison_requests_meet_the_candidate_blind(tiny_model_dir, tmp_path, 
         assert {w["choices"][0]["adapter"] for w in writers} == {test.production, test.candidate}  # 2^-15 to fail
         receipt = httpx.post(f"{url}/v1/feedback", json={"completion_id": singles[0].id, "rating": "up"}).json()
         assert receipt["adapters"] == [writers[0]["choices"][0]["adapter"]]  # the receipt reveals it
+        response = client.responses.with_raw_response.create(model="chatloop", input="Which?", max_output_tokens=4)
+        assert response.headers["x-chatloop-adapter"] == "ab-test"  # the Responses API's single answers too
+        logged = json.loads(redis_sync.get(f"chatloop:completion:{response.parse().id}"))
+        assert logged["blind"] and logged["choices"][0]["adapter"] in (test.production, test.candidate)
         pair = client.chat.completions.create(model="chatloop", messages=MESSAGES, max_tokens=4, n=2, seed=3)
         assert pair.system_fingerprint == "ab-test" and len(pair.choices) == 2  # nothing says which is which
         logged = json.loads(redis_sync.get(f"chatloop:completion:{pair.id}"))
