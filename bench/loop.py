@@ -53,6 +53,7 @@ from workers.runs import arun
 log = logging.getLogger("bench.loop")
 RESULTS_DIR = Path(__file__).with_name("results")
 POLL_S = 5.0
+PEOPLE_PER_SEAT = 16  # API keys per simulated user, taken in turn (UserConfig.turns_per_person turns each)
 # Every simulated user calls from 127.0.0.1: per-address rate limits would throttle the whole population.
 STACK_ENV = {"CHATLOOP_CHAT_REQUESTS_PER_MINUTE": "0", "CHATLOOP_FEEDBACK_REQUESTS_PER_MINUTE": "0"}
 
@@ -74,8 +75,11 @@ def promotions(history: list[dict]) -> list[dict]:
 async def learn(stack: Stack, prompts: list[str], users: UserConfig, budget_s: float, generations: int) -> dict:
     """Users chat and vote while the stack learns; returns the timeline, the promotions and the users' stats."""
     redis = Redis.from_url(stack.redis_url, decode_responses=True)
-    # A key per user: to the service each is a voter of its own, as people with their own accounts would be.
-    keys = [(await create_key(redis, "user", f"sim-{i}"))[0] for i in range(users.concurrency)]
+    # A key per person: to the service each is a voter of its own, as people with their own accounts would be.
+    # Each seat sees PEOPLE_PER_SEAT people in turn (users.turns_per_person turns each): 8 seats voting ~90 times a
+    # minute together would otherwise be 8 voters casting ~340 votes each in 30 minutes, and the A/B test's cap on
+    # one voter's votes (CHATLOOP_AB_MAX_VOTES_PER_VOTER) would stop every test at 8 x the cap.
+    keys = [(await create_key(redis, "user", f"sim-{i}"))[0] for i in range(users.concurrency * PEOPLE_PER_SEAT)]
     sync_redis = runs.client(Settings(redis_url=stack.redis_url))
     stop, stats_box = asyncio.Event(), {}
     started, wall_start = time.monotonic(), time.time()

@@ -44,6 +44,9 @@ class UserConfig:
     temperature: float = 0.7
     concurrency: int = 4  # users talking at once
     think_time_s: float = 0.0  # mean pause between a user's turns (exponential, like independent arrivals)
+    # A person's visit: with more API keys than users, after this many turns the next person (key) takes the
+    # seat, so a long run hears from many voters as a service does, not from a handful voting all day
+    turns_per_person: int = 25
     seed: int = 0
 
 
@@ -159,14 +162,26 @@ class EventBudget:
 class SimulatedUser:
     def __init__(
         self, name: str, rng: random.Random, prompts: Sequence[str], config: UserConfig, preference: Preference,
-        chat: openai.AsyncOpenAI, http: httpx.AsyncClient, stats: UserStats, budget: EventBudget,
+        people: Sequence[tuple[openai.AsyncOpenAI, httpx.AsyncClient]], stats: UserStats, budget: EventBudget,
         on_event: Callable[[UserStats], None] | None,
     ) -> None:
-        self.name, self.rng, self.prompts, self.config, self.preference = name, rng, prompts, config, preference
-        self.chat, self.http, self.stats, self.budget, self.on_event = chat, http, stats, budget, on_event
+        """people: the clients (one per API key) of the people who take this seat in turn."""
+        self.seat, self.rng, self.prompts, self.config, self.preference = name, rng, prompts, config, preference
+        self.people, self.stats, self.budget, self.on_event = people, stats, budget, on_event
+        self.turns = 0
+        self.person = -1
+        self.next_person()
+
+    def next_person(self) -> None:
+        self.person += 1
+        self.chat, self.http = self.people[self.person % len(self.people)]
+        self.name = f"{self.seat}-{self.person}" if len(self.people) > 1 else self.seat
 
     async def run(self) -> None:
         while self.budget.take():
+            if self.turns and len(self.people) > 1 and self.turns % self.config.turns_per_person == 0:
+                self.next_person()
+            self.turns += 1
             await self.turn()
             if self.config.think_time_s > 0:
                 await asyncio.sleep(self.rng.expovariate(1 / self.config.think_time_s))
@@ -246,7 +261,8 @@ async def run_users(
     were sent, duration_s passed, or stop was set, whichever comes first (none of them: until cancelled).
     A stop or timeout abandons the turns in flight; max_events lets them finish, so the counts are exact.
     api_key: one key for everyone, one per user (user i takes key i modulo their number: each key is a voter
-    of its own to the service), or none (anonymous, allowed on loopback)."""
+    of its own to the service), more keys than users (user i takes keys i, i + concurrency, ... in turn, each
+    for config.turns_per_person turns: people come and go), or none (anonymous, allowed on loopback)."""
     config = config or UserConfig()
     if not prompts:
         raise ValueError("no prompts to ask")
@@ -264,7 +280,7 @@ async def run_users(
             clients.append((await stack.enter_async_context(chat), await stack.enter_async_context(http)))
         users = [
             SimulatedUser(f"sim-{i}", random.Random(config.seed + i), prompts, config, preference,
-                          *clients[i % len(clients)], stats, budget, on_event)
+                          clients[i::config.concurrency] or [clients[i % len(clients)]], stats, budget, on_event)
             for i in range(config.concurrency)
         ]
         tasks = [asyncio.create_task(user.run()) for user in users]

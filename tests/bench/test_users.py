@@ -1,6 +1,7 @@
 """Simulated users: how they vote, and a population talking to a real server over HTTP."""
 
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -17,6 +18,7 @@ from bench.users import MODEL, EventBudget, UserConfig, pick, retry_delay, run_u
 from service.feedback.events import FeedbackEvent
 from service.serving.adapters import PRODUCTION_MODEL
 from service.store import redis_keys
+from service.store.api_keys import create_key
 from tests.server import running_server, tiny_server_env
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1/v1/feedback")
@@ -114,6 +116,20 @@ async def test_users_vote_as_their_preference_says(server, redis_sync):
             picks += 1
     assert picks > 0  # some answers told apart, so the check above checked something
     assert stats.mean_score == pytest.approx(statistics.mean(scores))
+
+
+async def test_people_take_the_seats_in_turn_each_a_voter_of_their_own(server, redis_sync, aredis):
+    """With more keys than users, seat i takes keys i, i + 2, ... for turns_per_person turns each: the service hears
+    from many voters, none casting more than a visit's votes (the seats share 12 events, so a seat may not finish
+    its last visit, and none runs out of people)."""
+    keys = [(await create_key(aredis, "user", f"person-{i}"))[0] for i in range(8)]
+    config = UserConfig(max_tokens=4, concurrency=2, turns_per_person=3, seed=5)
+    await run_users(server, load_prompts(split="train"), config, max_events=12, api_key=keys)
+    events = [FeedbackEvent.from_json(fields["event"]) for _, fields in redis_sync.xrange(redis_keys.EVENTS)]
+    per_voter = collections.Counter(e.voter for e in events)
+    assert len(events) == 12 and all(v.startswith("key:") for v in per_voter)
+    assert max(per_voter.values()) <= 3 and len(per_voter) >= 4
+    assert {e.user for e in events} <= {f"sim-{seat}-{person}" for seat in (0, 1) for person in range(4)}
 
 
 async def test_stop_and_duration_end_a_run(server, redis_sync):
