@@ -22,10 +22,11 @@ Only blind votes count (answers served without their versions), only the newest 
 answer, and at most `max_votes_per_voter` from any one voter, so that no single caller can vote a candidate in.
 """
 
-import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Literal
+
+import numpy as np
 
 from service.feedback.events import FeedbackEvent
 from service.feedback.records import latest_votes
@@ -119,13 +120,21 @@ def _weights(evidence: Evidence, thumb_weight: float) -> tuple[float, float]:
     return float(len(evidence.comparisons)), thumb_weight * thumbs
 
 
-def pooled_win_rate(comparisons: list[float], candidate_thumbs: list[float], production_thumbs: list[float],
-                    weights: tuple[float, float]) -> float:
+def pooled_win_rate(p: np.ndarray, up_candidate: np.ndarray, up_production: np.ndarray,
+                    weights: tuple[float, float]) -> np.ndarray:
+    """(w_c p + w_t q) / (w_c + w_t), q = 1/2 + (u_c - u_p) / 2, from the comparisons' mean outcome p and the
+    versions' thumbs-up rates (arrays of one shape; a kind with no weight is not read)."""
     w_c, w_t = weights
-    p = sum(comparisons) / len(comparisons) if w_c else 0.5
-    q = 0.5 + (sum(candidate_thumbs) / len(candidate_thumbs) - sum(production_thumbs) / len(production_thumbs)) / 2 \
-        if w_t else 0.5
-    return (w_c * p + w_t * q) / (w_c + w_t)
+    q = 0.5 + (up_candidate - up_production) / 2 if w_t else 0.5
+    return (w_c * (p if w_c else 0.5) + w_t * q) / (w_c + w_t)
+
+
+def _resampled_means(xs: list[float], bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    """The mean of each of `bootstrap` resamples of xs with replacement (zeros if xs is empty). (bootstrap,)"""
+    if not xs:
+        return np.zeros(bootstrap)
+    values = np.asarray(xs, dtype=np.float64)
+    return values[rng.integers(0, len(values), size=(bootstrap, len(values)))].mean(axis=1)
 
 
 def win_rate_interval(evidence: Evidence, confidence: float = 0.95, bootstrap: int = 2000, seed: int = 0,
@@ -135,13 +144,13 @@ def win_rate_interval(evidence: Evidence, confidence: float = 0.95, bootstrap: i
     weights = _weights(evidence, thumb_weight)
     if not any(weights):
         return 0.5, 0.0, 1.0
-    rng = random.Random(seed)
+    rng = np.random.default_rng(seed)
     kinds = (evidence.comparisons, evidence.candidate_thumbs, evidence.production_thumbs)
-    means = sorted(pooled_win_rate(*(rng.choices(xs, k=len(xs)) if xs else xs for xs in kinds), weights=weights)
-                   for _ in range(bootstrap))
+    means = np.sort(pooled_win_rate(*(_resampled_means(xs, bootstrap, rng) for xs in kinds), weights=weights))
     tail = (1 - confidence) / 2
-    mean = pooled_win_rate(*kinds, weights=weights)
-    return mean, means[int(tail * (bootstrap - 1))], means[int((1 - tail) * (bootstrap - 1))]
+    mean = float(pooled_win_rate(*(np.float64(np.mean(xs)) if xs else np.float64(0.0) for xs in kinds),
+                                 weights=weights))
+    return mean, float(means[int(tail * (bootstrap - 1))]), float(means[int((1 - tail) * (bootstrap - 1))])
 
 
 def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules) -> tuple[Verdict, str]:

@@ -1,5 +1,6 @@
 """The A/B test's rules by hand: which votes count, the pooled win rate and its bootstrap interval, each verdict."""
 
+import numpy as np
 import pytest
 
 from service.feedback.ab import ABRules, ABTest, Evidence, decide, outcomes, pooled_win_rate, win_rate_interval
@@ -63,7 +64,8 @@ def test_the_pooled_win_rate_by_hand():
     # production liked as much as the candidate: q = 1/2, pooled (4 * 0.75 + 4 * 0.5) / 8
     assert win_rate_interval(Evidence(comparisons, up_c, up_c), bootstrap=10)[0] == pytest.approx(0.625)
     # 8 thumbs on the candidate and 2 on production: effective 4 * 8 * 2 / 10 = 6.4, weight 3.2
-    assert pooled_win_rate(comparisons, [1.0] * 8, [0.0, 0.0], (4.0, 3.2)) == pytest.approx((4 * 0.75 + 3.2) / 7.2)
+    assert pooled_win_rate(np.float64(0.75), np.float64(1.0), np.float64(0.0), (4.0, 3.2)) == pytest.approx(
+        (4 * 0.75 + 3.2) / 7.2)
     assert win_rate_interval(Evidence(comparisons, [1.0] * 8, [0.0, 0.0]), bootstrap=10)[0] == pytest.approx(
         (4 * 0.75 + 3.2 * 1.0) / 7.2)
     # thumbs on one version only say nothing about the difference
