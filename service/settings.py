@@ -244,7 +244,8 @@ class Settings(BaseSettings):
         "checks alone when it got fewer than ab_min_votes votes (a quiet deployment).",
     )
     ab_min_votes: int = Field(
-        40, ge=1, description="Votes an A/B test needs before its interval can decide."
+        40, ge=1, description="Votes an A/B test needs before its interval can decide, in comparisons' worth (a "
+        "thumb on a single answer counts half).",
     )
     ab_max_votes_per_voter: int = Field(
         50, ge=1, description="Most votes one voter counts for in one A/B test."

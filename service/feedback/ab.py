@@ -17,6 +17,8 @@ are half of a chat service's feedback or more, so they shorten the test where th
 stratified percentile bootstrap (each kind resampled on its own). The candidate is promoted when the interval's
 lower bound is above 1/2, rejected when its upper bound is below 1/2 or the deadline passes with enough votes and
 neither happened; with fewer than `min_votes` by the deadline (a quiet deployment), the offline checks decide alone.
+The minimum counts a thumb as the weight it has in the pooled rate: without that, the thumbs brought the first
+look, the noisiest, a minute earlier and raised the false promotions in bench/ab_gate.py.
 
 Only blind votes count (answers served without their versions), only the newest vote of each voter on each
 answer, and at most `max_votes_per_voter` from any one voter, so that no single caller can vote a candidate in.
@@ -54,7 +56,9 @@ class ABTest:
 class ABRules:
     """How a test is decided; the service's values come from its settings (CHATLOOP_AB_*)."""
 
-    min_votes: int  # fewer by the deadline: the offline checks decide alone; and no verdict before this many
+    # Fewer by the deadline: the offline checks decide alone; and no verdict before this many. Counted in
+    # comparisons' worth: a thumb counts thumb_weight (of the effective number, _weights)
+    min_votes: int
     max_votes_per_voter: int
     confidence: float = 0.95
     thumb_weight: float = 0.5  # a thumb's weight against a comparison's in the pooled win rate
@@ -161,13 +165,14 @@ def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules) -> tupl
     if evidence.candidate_thumbs or evidence.production_thumbs:
         summary += f" ({len(evidence.comparisons)} comparisons, {len(evidence.candidate_thumbs)} + " \
                    f"{len(evidence.production_thumbs)} thumbs)"
-    if evidence.votes >= rules.min_votes:
+    enough = sum(_weights(evidence, rules.thumb_weight)) >= rules.min_votes  # in comparisons' worth
+    if enough:
         if lower > 0.5:
             return "promote", f"users prefer it: {summary}"
         if upper < 0.5:
             return "reject", f"users prefer production: {summary}"
     if now < test.deadline:
         return "wait", summary
-    if evidence.votes < rules.min_votes:
+    if not enough:
         return "promote", f"deadline passed with too few votes to tell ({summary}); the offline checks decide"
     return "reject", f"deadline passed without evidence that users prefer it: {summary}"

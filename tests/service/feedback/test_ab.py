@@ -112,3 +112,5 @@ def test_thumbs_alone_can_decide():
     assert verdict == "promote" and "0 comparisons, 10 + 10 thumbs" in reason
     assert decide(Evidence(candidate_thumbs=liked.production_thumbs, production_thumbs=liked.candidate_thumbs),
                   TEST, 50.0, RULES)[0] == "reject"
+    # 16 thumbs are worth 8 comparisons, under the 10 a verdict needs, however clear they are
+    assert decide(Evidence(candidate_thumbs=[1.0] * 8, production_thumbs=[0.0] * 8), TEST, 50.0, RULES)[0] == "wait"
