@@ -7,7 +7,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from common.models import BASE
-from service.feedback.ab import ABRules, ABTest, Evidence, decide, win_rate_interval
+from service.feedback.ab import ABRules, ABTest, Evidence, decide
 from service.feedback.ab import outcomes as ab_outcomes
 from service.settings import Settings, get_settings
 from service.store import ab_tests, feedback_store, registry, runs
@@ -75,11 +75,12 @@ def settle_ab(settings: Settings) -> dict | None:
         return None
     production, votes = arun(settings, ab_evidence, test, settings.ab_max_votes_per_voter)
     rules = ab_rules(settings)
+    interval = rules.interval(votes)  # one bootstrap: the verdict's and the run record's
     if production != test.production:
         verdict, reason = "reject", f"production changed to {production} during the test"
     else:
-        verdict, reason = decide(votes, test, time.time(), rules)
-    mean, lower, upper = win_rate_interval(votes, rules.confidence, rules.bootstrap, rules.seed, rules.thumb_weight)
+        verdict, reason = decide(votes, test, time.time(), rules, interval)
+    mean, lower, upper = interval
     evidence = {"votes": votes.votes, "win_rate": mean, "ci95": [lower, upper], "against": test.production,
                 "reason": reason, **votes.as_dict()}
     if verdict == "wait":

@@ -65,8 +65,12 @@ class ABRules:
     bootstrap: int = 2000
     seed: int = 0
 
+    def interval(self, evidence: "Evidence") -> tuple[float, float, float]:
+        """win_rate_interval at these rules' level, resamples, seed and thumb weight."""
+        return win_rate_interval(evidence, self.confidence, self.bootstrap, self.seed, self.thumb_weight)
 
-@dataclass(frozen=True)
+
+@dataclass
 class Evidence:
     """The blind votes a test counts, oldest first."""
 
@@ -124,10 +128,10 @@ def _weights(evidence: Evidence, thumb_weight: float) -> tuple[float, float]:
     return float(len(evidence.comparisons)), thumb_weight * thumbs
 
 
-def pooled_win_rate(p: np.ndarray, up_candidate: np.ndarray, up_production: np.ndarray,
-                    weights: tuple[float, float]) -> np.ndarray:
+def pooled_win_rate(p: np.ndarray | float, up_candidate: np.ndarray | float, up_production: np.ndarray | float,
+                    weights: tuple[float, float]) -> np.ndarray | float:
     """(w_c p + w_t q) / (w_c + w_t), q = 1/2 + (u_c - u_p) / 2, from the comparisons' mean outcome p and the
-    versions' thumbs-up rates (arrays of one shape; a kind with no weight is not read)."""
+    versions' thumbs-up rates (numbers, or arrays of one shape; a kind with no weight is not read)."""
     w_c, w_t = weights
     q = 0.5 + (up_candidate - up_production) / 2 if w_t else 0.5
     return (w_c * (p if w_c else 0.5) + w_t * q) / (w_c + w_t)
@@ -152,15 +156,14 @@ def win_rate_interval(evidence: Evidence, confidence: float = 0.95, bootstrap: i
     kinds = (evidence.comparisons, evidence.candidate_thumbs, evidence.production_thumbs)
     means = np.sort(pooled_win_rate(*(_resampled_means(xs, bootstrap, rng) for xs in kinds), weights=weights))
     tail = (1 - confidence) / 2
-    mean = float(pooled_win_rate(*(np.float64(np.mean(xs)) if xs else np.float64(0.0) for xs in kinds),
-                                 weights=weights))
+    mean = float(pooled_win_rate(*(np.mean(xs) if xs else 0.0 for xs in kinds), weights=weights))
     return mean, float(means[int(tail * (bootstrap - 1))]), float(means[int((1 - tail) * (bootstrap - 1))])
 
 
-def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules) -> tuple[Verdict, str]:
-    """The verdict on the candidate so far, and why."""
-    mean, lower, upper = win_rate_interval(evidence, rules.confidence, rules.bootstrap, rules.seed,
-                                           rules.thumb_weight)
+def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules,
+           interval: tuple[float, float, float] | None = None) -> tuple[Verdict, str]:
+    """The verdict on the candidate so far, and why. interval: rules.interval(evidence), if the caller has it."""
+    mean, lower, upper = interval or rules.interval(evidence)
     summary = f"win rate {mean:.3f} [{lower:.3f}, {upper:.3f}] over {evidence.votes} votes"
     if evidence.candidate_thumbs or evidence.production_thumbs:
         summary += f" ({len(evidence.comparisons)} comparisons, {len(evidence.candidate_thumbs)} + " \
