@@ -10,9 +10,11 @@ versions at random; production's are up with probability `--thumbs-up`, the cand
 `--thumb-gap` x (p - 1/2): on the learning benchmark's held-out answers, the promoted PPO versions' thumbs-up
 rates rose by 0.04-0.045 where their win rates were 0.534-0.545, a gap of about 1. Beat looks once every
 `retrain_every_s` (as `chatloop beat` does), and the test ends at the first verdict or at `ab_deadline_s`. For
-each p the table gives the share of trials promoted, rejected by the evidence and rejected at the deadline, and
-the median number of votes and minutes at a promotion. With p = 0.5 every promotion is a false one: a rule with
-a fixed 95 % interval looked at every minute promotes more often than the 2.5 % a single look would.
+each p the table gives the share of trials promoted, rejected because the users prefer production, rejected
+because the interval rules out a worthwhile gain (`ab_futility`) and rejected at the deadline, the median number
+of votes and minutes at a promotion, and the median minute a test ended, whatever its verdict. With p = 0.5 every
+promotion is a false one: a rule with a fixed 95 % interval looked at every minute promotes more often than the
+2.5 % a single look would.
 
     .venv/bin/python -m bench.ab_gate [--trials 200 --rates 0.45 0.5 0.55 0.6 --thumbs-per-min 0 25]
     CHATLOOP_AB_CONFIDENCE=0.99 .venv/bin/python -m bench.ab_gate   # any CHATLOOP_AB_* setting, as the service reads it
@@ -40,7 +42,8 @@ class Thumbs:
 
 def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s: int, deadline_s: int,
              rng: random.Random, thumbs: Thumbs = Thumbs()) -> tuple[str, int, float]:
-    """(verdict, votes, minute) of one simulated test."""
+    """(outcome, votes, minute) of one simulated test: promote, reject (the users prefer production), futility
+    or deadline."""
     test = ABTest(candidate="candidate", production="production", run_id="sim", started=0.0, deadline=deadline_s)
     if not ties / 2 <= p <= 1 - ties / 2:
         raise ValueError(f"a win rate of {p} is impossible with {ties:.0%} ties")
@@ -57,11 +60,9 @@ def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s
             arm = evidence.candidate_thumbs if version == "candidate" else evidence.production_thumbs
             arm.append(float(rng.random() < up[version]))
             thumbed += 1
-        verdict, reason = decide(evidence, test, now, rules)
+        verdict, cause, _ = decide(evidence, test, now, rules)
         if verdict != "wait":
-            if verdict == "reject" and "deadline" in reason:
-                verdict = "deadline"
-            return verdict, evidence.votes, now / 60
+            return (cause if verdict == "reject" and cause != "evidence" else verdict), evidence.votes, now / 60
 
 
 def main() -> None:
@@ -80,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     rules = ab_rules(settings)  # the worker's own, from the settings (CHATLOOP_AB_*)
     print(f"rule: promote when the {rules.confidence:.0%} bootstrap lower bound ({rules.bootstrap} resamples) > 0.5, "
-          f"reject when the upper bound < 0.5, not before {rules.min_votes} votes; a look every "
+          f"reject when the upper bound < 0.5 or < {rules.futility:g} (no worthwhile gain), not before "
+          f"{rules.min_votes} votes; a look every "
           f"{settings.retrain_every_s} s, deadline {settings.ab_deadline_s} s; {args.votes_per_min:g} votes a minute, "
           f"{args.ties:.0%} ties; thumbs up at {args.thumbs_up:.2f} on production, higher by {args.thumb_gap:g} x "
           f"(win rate - 1/2) on the candidate, a thumb weighing {rules.thumb_weight:g}; {args.trials} trials per rate")
@@ -88,19 +90,22 @@ def main() -> None:
     for per_min in args.thumbs_per_min:
         thumbs = Thumbs(per_min, args.thumbs_up, args.thumb_gap)
         print(f"\n{per_min:g} thumbs a minute\n")
-        print("| true win rate | promoted | rejected by the votes | rejected at the deadline | votes at promotion "
-              "(median) | minute of promotion (median) |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| true win rate | promoted | rejected: users prefer production | rejected: no worthwhile gain | "
+              "rejected at the deadline | votes at promotion (median) | minute of promotion (median) | minute the "
+              "test ended (median) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for p in args.rates:
             rng = random.Random(args.seed)
             results = [one_test(p, args.ties, args.votes_per_min, rules, settings.retrain_every_s,
                                 settings.ab_deadline_s, rng, thumbs) for _ in range(args.trials)]
-            share = {v: sum(r[0] == v for r in results) / len(results) for v in ("promote", "reject", "deadline")}
+            share = {v: sum(r[0] == v for r in results) / len(results)
+                     for v in ("promote", "reject", "futility", "deadline")}
             promoted = [r for r in results if r[0] == "promote"]
             votes = f"{statistics.median(r[1] for r in promoted):.0f}" if promoted else "–"
             minute = f"{statistics.median(r[2] for r in promoted):.0f}" if promoted else "–"
-            print(f"| {p:.2f} | {share['promote']:.1%} | {share['reject']:.1%} | {share['deadline']:.1%} | {votes} | "
-                  f"{minute} |", flush=True)
+            print(f"| {p:.2f} | {share['promote']:.1%} | {share['reject']:.1%} | {share['futility']:.1%} | "
+                  f"{share['deadline']:.1%} | {votes} | {minute} | {statistics.median(r[2] for r in results):.0f} |",
+                  flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

@@ -251,9 +251,15 @@ class Settings(BaseSettings):
         50, ge=1, description="Most votes one voter counts for in one A/B test."
     )
     ab_confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="Level of the A/B test's bootstrap interval: promoted when its lower bound is "
-        "above 1/2, rejected when its upper bound is below. Beat looks every minute, so a candidate no better than "
-        "production is promoted more often than (1 - level) / 2: 12 % of the time at 0.95 (bench/ab_gate.py).",
+        0.95, gt=0.5, lt=1, description="Level of the A/B test's bootstrap interval: promoted when its "
+        "lower bound is above 1/2, rejected when its upper bound is below. Beat looks every minute, so a candidate no "
+        "better than production is promoted more often than (1 - level) / 2: 10-15 % of the time at 0.95 "
+        "(bench/ab_gate.py).",
+    )
+    ab_futility: float = Field(
+        0.55, ge=0.5, lt=1, description="An A/B test whose interval's upper bound falls below this win "
+        "rate is rejected: whatever the users' preference, it is too slight to be worth the test (0.5: only a "
+        "candidate the users like less is rejected before the deadline).",
     )
 
     # LoRA shape for new adapters (training)

@@ -40,7 +40,7 @@ def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
 
 def ab_rules(settings: Settings) -> ABRules:
     return ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter,
-                   confidence=settings.ab_confidence)
+                   confidence=settings.ab_confidence, futility=settings.ab_futility)
 
 
 async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> tuple[str, Evidence]:
@@ -79,7 +79,7 @@ def settle_ab(settings: Settings) -> dict | None:
     if production != test.production:
         verdict, reason = "reject", f"production changed to {production} during the test"
     else:
-        verdict, reason = decide(votes, test, time.time(), rules, interval)
+        verdict, _, reason = decide(votes, test, time.time(), rules, interval)
     mean, lower, upper = interval
     evidence = {"votes": votes.votes, "win_rate": mean, "ci95": [lower, upper], "against": test.production,
                 "reason": reason, **votes.as_dict()}

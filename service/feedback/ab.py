@@ -15,8 +15,11 @@ effective number, fewer when one version got most of them) and w = `thumb_weight
 without a reference, so it moves q half as far as a vote moves p and counts half (as in the reward model). Thumbs
 are half of a chat service's feedback or more, so they shorten the test where they are. The interval is a
 stratified percentile bootstrap (each kind resampled on its own). The candidate is promoted when the interval's
-lower bound is above 1/2, rejected when its upper bound is below 1/2 or the deadline passes with enough votes and
-neither happened; with fewer than `min_votes` by the deadline (a quiet deployment), the offline checks decide alone.
+lower bound is above 1/2, rejected when its upper bound is below 1/2 (the users prefer production), when its upper
+bound is below `futility` (whatever the users' preference, it is too slight to be worth the test: the test ends
+and its users get production's answers again, instead of waiting out the deadline), or when the deadline passes
+with enough votes and none of that happened; with fewer than `min_votes` by the deadline (a quiet deployment), the
+offline checks decide alone.
 The minimum counts a thumb as the weight it has in the pooled rate: without that, the thumbs brought the first
 look, the noisiest, a minute earlier and raised the false promotions in bench/ab_gate.py.
 
@@ -26,7 +29,7 @@ answer, and at most `max_votes_per_voter` from any one voter, so that no single 
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -34,6 +37,15 @@ from service.feedback.events import FeedbackEvent
 from service.feedback.records import latest_votes
 
 Verdict = Literal["promote", "reject", "wait"]
+# Why: the interval cleared 1/2 ("evidence"), excluded a worthwhile gain ("futility"), the deadline passed with
+# enough votes ("deadline") or with too few to tell ("quiet"); "pending": no verdict yet
+Cause = Literal["evidence", "futility", "deadline", "quiet", "pending"]
+
+
+class Decision(NamedTuple):
+    verdict: Verdict
+    cause: Cause
+    reason: str  # for people: the verdict's grounds and the evidence
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,9 @@ class ABRules:
     min_votes: int
     max_votes_per_voter: int
     confidence: float = 0.95
+    # Rejected when the interval's upper bound is below this: the gain is too slight to be worth the test (1/2: off,
+    # as here; the service's is CHATLOOP_AB_FUTILITY)
+    futility: float = 0.5
     thumb_weight: float = 0.5  # a thumb's weight against a comparison's in the pooled win rate
     bootstrap: int = 2000
     seed: int = 0
@@ -161,7 +176,7 @@ def win_rate_interval(evidence: Evidence, confidence: float = 0.95, bootstrap: i
 
 
 def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules,
-           interval: tuple[float, float, float] | None = None) -> tuple[Verdict, str]:
+           interval: tuple[float, float, float] | None = None) -> Decision:
     """The verdict on the candidate so far, and why. interval: rules.interval(evidence), if the caller has it."""
     mean, lower, upper = interval or rules.interval(evidence)
     summary = f"win rate {mean:.3f} [{lower:.3f}, {upper:.3f}] over {evidence.votes} votes"
@@ -171,11 +186,15 @@ def decide(evidence: Evidence, test: ABTest, now: float, rules: ABRules,
     enough = sum(_weights(evidence, rules.thumb_weight)) >= rules.min_votes  # in comparisons' worth
     if enough:
         if lower > 0.5:
-            return "promote", f"users prefer it: {summary}"
+            return Decision("promote", "evidence", f"users prefer it: {summary}")
         if upper < 0.5:
-            return "reject", f"users prefer production: {summary}"
+            return Decision("reject", "evidence", f"users prefer production: {summary}")
+        if upper < rules.futility:
+            return Decision("reject", "futility", f"no gain worth the test (a win rate of {rules.futility:g} is "
+                            f"ruled out): {summary}")
     if now < test.deadline:
-        return "wait", summary
+        return Decision("wait", "pending", summary)
     if not enough:
-        return "promote", f"deadline passed with too few votes to tell ({summary}); the offline checks decide"
-    return "reject", f"deadline passed without evidence that users prefer it: {summary}"
+        return Decision("promote", "quiet", f"deadline passed with too few votes to tell ({summary}); the offline "
+                        "checks decide")
+    return Decision("reject", "deadline", f"deadline passed without evidence that users prefer it: {summary}")

@@ -18,6 +18,11 @@ def test_ties_alone_never_decide_and_the_deadline_rejects():
     assert one_test(0.5, 1.0, 25, rules, 60, 600, random.Random(0)) == ("deadline", 250, 10.0)
 
 
+def test_with_a_futility_bound_ties_alone_end_the_test_at_the_first_look_with_enough_votes():
+    rules = ABRules(min_votes=40, max_votes_per_voter=50, bootstrap=200, futility=0.55)
+    assert one_test(0.5, 1.0, 25, rules, 60, 600, random.Random(0)) == ("futility", 50, 2.0)
+
+
 def test_thumbs_alone_decide_a_clear_test_and_say_nothing_when_both_versions_are_alike():
     rules = ABRules(min_votes=40, max_votes_per_voter=50, bootstrap=200)
     loved = Thumbs(per_min=50, up=0.0, gap=2.0)  # the candidate's answers always up, production's never

@@ -245,3 +245,11 @@ def test_the_interval_level_setting_reaches_the_workers_rule(redis_url):
     scores = Evidence([1.0] * 27 + [0.0] * 13)
     assert decide(scores, test, 1, ab_rules(settings_for(redis_url)))[0] == "promote"
     assert decide(scores, test, 1, ab_rules(settings_for(redis_url, ab_confidence=0.99)))[0] == "wait"
+
+
+def test_the_futility_setting_reaches_the_workers_rule(redis_url):
+    """0.5 of 400 votes: the interval (~[0.45, 0.55]) rules out 0.6 but not 0.55."""
+    test = ABTest(candidate="c", production="p", run_id="r", started=0, deadline=3600)
+    even = Evidence([1.0, 0.0] * 200)
+    assert decide(even, test, 1, ab_rules(settings_for(redis_url, ab_futility=0.6)))[:2] == ("reject", "futility")
+    assert decide(even, test, 1, ab_rules(settings_for(redis_url, ab_futility=0.5))).verdict == "wait"

@@ -108,9 +108,35 @@ def test_verdicts(scores, now, verdict):
 
 def test_thumbs_alone_can_decide():
     liked = Evidence(candidate_thumbs=[1.0] * 9 + [0.0], production_thumbs=[0.0] * 9 + [1.0])  # q = 0.9
-    verdict, reason = decide(liked, TEST, 50.0, RULES)
+    verdict, _, reason = decide(liked, TEST, 50.0, RULES)
     assert verdict == "promote" and "0 comparisons, 10 + 10 thumbs" in reason
     assert decide(Evidence(candidate_thumbs=liked.production_thumbs, production_thumbs=liked.candidate_thumbs),
                   TEST, 50.0, RULES)[0] == "reject"
     # 16 thumbs are worth 8 comparisons, under the 10 a verdict needs, however clear they are
     assert decide(Evidence(candidate_thumbs=[1.0] * 8, production_thumbs=[0.0] * 8), TEST, 50.0, RULES)[0] == "wait"
+
+
+FUTILE = ABRules(min_votes=10, max_votes_per_voter=3, futility=0.55)
+
+
+@pytest.mark.parametrize(
+    ("scores", "verdict", "cause"),
+    [
+        ([0.5] * 40, "reject", "futility"),  # every vote a tie: the interval is [0.5, 0.5], below 0.55
+        ([0.5] * 9, "wait", "pending"),  # the same under min_votes: no verdict yet
+        ([1.0, 0.0] * 20, "wait", "pending"),  # 0.5 of 40: the upper bound (~0.65) still allows a gain worth having
+        # 0.52 of 5,000: the interval (~[0.506, 0.534]) rules out 0.55 but is above 1/2: a proven gain, however
+        # small, is promoted
+        (([1.0] * 52 + [0.0] * 48) * 50, "promote", "evidence"),
+        ([0.0] * 9 + [1.0], "reject", "evidence"),  # users prefer production: that ground comes first
+    ],
+)
+def test_the_futility_bound_rejects_a_test_that_rules_out_a_worthwhile_gain(scores, verdict, cause):
+    decision = decide(Evidence(scores), TEST, 50.0, FUTILE)
+    assert (decision.verdict, decision.cause) == (verdict, cause)
+    assert decide(Evidence(scores), TEST, 50.0, RULES).cause != "futility"  # 1/2: off
+
+
+def test_the_deadline_says_why():
+    assert decide(Evidence([1.0, 0.0] * 10), TEST, 100.0, FUTILE)[:2] == ("reject", "deadline")
+    assert decide(Evidence([1.0, 0.0]), TEST, 100.0, FUTILE)[:2] == ("promote", "quiet")
