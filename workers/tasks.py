@@ -77,12 +77,12 @@ def settle_ab(settings: Settings) -> dict | None:
     rules = ab_rules(settings)
     interval = rules.interval(votes)  # one bootstrap: the verdict's and the run record's
     if production != test.production:
-        verdict, reason = "reject", f"production changed to {production} during the test"
+        verdict, cause, reason = "reject", "production changed", f"production changed to {production} during the test"
     else:
-        verdict, _, reason = decide(votes, test, time.time(), rules, interval)
+        verdict, cause, reason = decide(votes, test, time.time(), rules, interval)
     mean, lower, upper = interval
     evidence = {"votes": votes.votes, "win_rate": mean, "ci95": [lower, upper], "against": test.production,
-                "reason": reason, **votes.as_dict()}
+                "cause": cause, "reason": reason, **votes.as_dict()}
     if verdict == "wait":
         runs.update_run(runs.client(settings), test.run_id, ab=evidence)
         return {"run_id": test.run_id, "status": "ab_test", **evidence}
@@ -132,7 +132,8 @@ def enter_ab(settings: Settings, version: str, parent: str, run_id: str) -> str:
             started = arun(settings, ab_tests.start, test)
         elif started := arun(settings, ab_tests.replace, running.candidate, test):
             runs.update_run(runs.client(settings), running.run_id, status="superseded", finished=time.time(),
-                            ab={**ab, "reason": f"superseded by {version} before the evidence decided"})
+                            ab={**ab, "cause": "superseded",
+                                "reason": f"superseded by {version} before the evidence decided"})
         if started:
             arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
             return "ab_test"

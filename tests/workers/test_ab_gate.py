@@ -69,6 +69,7 @@ def test_a_candidate_the_users_prefer_is_promoted(redis_url, redis_sync, tiny_ad
     asyncio.run(votes(redis_url, test, [True] * 5 + [False], voter="key:late"))
     verdict = settle_ab(settings)
     assert verdict["status"] == "promoted" and verdict["votes"] == 11 and verdict["ci95"][0] > 0.5
+    assert verdict["cause"] == "evidence" and runs.get_run(runs.client(settings), "run1")["ab"]["cause"] == "evidence"
     assert redis_sync.get(registry.PRODUCTION) == test.candidate
     assert status(redis_url) == "promoted" and redis_sync.get(ab_tests.ACTIVE) is None
     assert settle_ab(settings) is None  # nothing left to decide
@@ -78,7 +79,8 @@ def test_a_candidate_the_users_reject_is_rejected_and_production_stays(redis_url
     settings = settings_for(redis_url)
     test = asyncio.run(start(redis_url, tiny_adapter_dir))
     asyncio.run(votes(redis_url, test, [False] * 9 + [True]))
-    assert settle_ab(settings)["status"] == "rejected"
+    verdict = settle_ab(settings)
+    assert (verdict["status"], verdict["cause"]) == ("rejected", "evidence")
     assert redis_sync.get(registry.PRODUCTION) == test.production and status(redis_url) == "rejected"
 
 
@@ -95,7 +97,8 @@ def test_the_deadline_decides_an_undecided_test(redis_url, redis_sync, tiny_adap
     settings = settings_for(redis_url)
     test = asyncio.run(start(redis_url, tiny_adapter_dir, deadline_s=-1))
     asyncio.run(votes(redis_url, test, [True, False] * 4))  # 8 votes, even: undecided
-    assert settle_ab(settings)["status"] == "rejected"
+    verdict = settle_ab(settings)
+    assert (verdict["status"], verdict["cause"]) == ("rejected", "deadline")
     assert redis_sync.get(registry.PRODUCTION) == test.production
 
 
@@ -103,7 +106,8 @@ def test_a_quiet_deployment_falls_back_to_the_offline_checks(redis_url, redis_sy
     settings = settings_for(redis_url)
     test = asyncio.run(start(redis_url, tiny_adapter_dir, deadline_s=-1))
     asyncio.run(votes(redis_url, test, [False, True]))  # 2 votes by the deadline: too few to tell
-    assert settle_ab(settings)["status"] == "promoted"
+    verdict = settle_ab(settings)
+    assert (verdict["status"], verdict["cause"]) == ("promoted", "quiet")
     assert redis_sync.get(registry.PRODUCTION) == test.candidate
 
 
@@ -118,7 +122,8 @@ def test_a_rollback_during_the_test_wins(redis_url, redis_sync, tiny_adapter_dir
         await client.aclose()
 
     asyncio.run(operator_rolls_back())
-    assert settle_ab(settings)["status"] == "rejected"  # production is not what the candidate was tested against
+    verdict = settle_ab(settings)  # production is not what the candidate was tested against
+    assert (verdict["status"], verdict["cause"]) == ("rejected", "production changed")
     assert redis_sync.get(registry.PRODUCTION) != test.candidate
 
 
@@ -152,6 +157,7 @@ def test_a_newer_candidate_supersedes_an_undecided_test(redis_url, redis_sync, t
     assert running.candidate == newer and running.production == test.production and running.run_id == "run2"
     old = runs.get_run(runs.client(settings), "run1")
     assert old["status"] == "superseded" and old["ab"]["votes"] == 3 and "superseded by" in old["ab"]["reason"]
+    assert old["ab"]["cause"] == "superseded"
     assert redis_sync.get(registry.PRODUCTION) == test.production
     assert enter_ab(settings, newer, test.production, "run2") == "ab_test"  # a redelivered stage changes nothing
     assert asyncio.run(active(redis_url)).started == running.started
