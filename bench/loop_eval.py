@@ -86,7 +86,7 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return d.mean().item(), (d.std() / len(d) ** 0.5).item()
 
 
-VARIANT_HEADER = ["variant", "held-out score", "gain over base", "KL to base", "length", "train s"]
+VARIANT_HEADER = ["variant", "held-out score", "gain over base (paired)", "KL to base", "length", "train s"]
 
 
 def compare_variants(
@@ -95,7 +95,8 @@ def compare_variants(
 ) -> str:
     """Train each variant from the base (train(name, out_dir) saves its adapter and returns the seconds it
     took) into a scratch directory, evaluate the base and every adapter on the held-out prompts, and return
-    a markdown table: score ± its standard error, gain over the base, KL, length, training time."""
+    a markdown table: score ± its standard error, gain over the base (the paired difference ± its standard error),
+    KL, length, training time."""
     with tempfile.TemporaryDirectory(prefix="bench-variants-") as tmp:
         adapters, seconds = {}, {}
         for i, name in enumerate(names):
@@ -108,6 +109,7 @@ def compare_variants(
     rows = [["base", f"{base['score']:.3f} ± {base['score_se']:.3f}", "", "0", f"{base['length']:.1f}", ""]]
     for i, name in enumerate(names):
         r = results[f"v{i}"]
-        rows.append([name, f"{r['score']:.3f} ± {r['score_se']:.3f}", f"{r['score'] - base['score']:+.3f}",
+        gain, gain_se = paired_difference(r["scores"], base["scores"])
+        rows.append([name, f"{r['score']:.3f} ± {r['score_se']:.3f}", f"{gain:+.3f} ± {gain_se:.3f}",
                      f"{r['kl']:.1f}", f"{r['length']:.1f}", f"{seconds[name]:.0f}"])
     return "\n".join("| " + " | ".join(row) + " |" for row in [VARIANT_HEADER, ["---"] * len(VARIANT_HEADER), *rows])

@@ -42,8 +42,11 @@ VARIANTS = {  # name: (algorithm, learning rate)
 ANSWERS_PER_PROMPT = 3  # two compared, one thumbed
 
 
-def base_answers(prompts: list[str], settings: Settings, seed: int) -> list[tuple[str, list[str], list[float]]]:
-    """(prompt, answers, preference scores) of the base, ANSWERS_PER_PROMPT answers per prompt."""
+def base_answers(
+    prompts: list[str], settings: Settings, seed: int
+) -> list[tuple[str, list[str], list[float], list[bool]]]:
+    """(prompt, answers, preference scores, whether each ended at EOS) of the base, ANSWERS_PER_PROMPT answers per
+    prompt."""
     base, tokenizer = load_base(resolve_base_model(settings))
     eos = eos_token_ids(base, tokenizer)
     score = preference_reward("vader", eos)
@@ -58,19 +61,19 @@ def base_answers(prompts: list[str], settings: Settings, seed: int) -> list[tupl
         scores = score(conversations, texts, ids).tolist()
         for i, prompt in enumerate(chunk):
             row = slice(i * ANSWERS_PER_PROMPT, (i + 1) * ANSWERS_PER_PROMPT)
-            out.append((prompt, texts[row], scores[row]))
+            out.append((prompt, texts[row], scores[row], [x[-1] in eos for x in ids[row]]))
         print(f"  base answers: {len(out)}/{len(prompts)} prompts", flush=True)
     return out
 
 
 def simulated_votes(
-    answers: list[tuple[str, list[str], list[float]]], users: UserConfig, limit: int = 0
+    answers: list[tuple], users: UserConfig, limit: int = 0
 ) -> FeedbackData:
     """The votes the loop's users would give, the first `limit` of them (0: all): per prompt a comparison of
     answers 0 and 1 (a tie says nothing) and a thumb on answer 2."""
     rng = random.Random(users.seed)
     votes: list[Pair | Thumb] = []
-    for prompt, texts, scores in answers:
+    for prompt, texts, scores, *_ in answers:
         messages = [{"role": "user", "content": prompt}]
         preferred = pick(scores[:2], users.noise, rng)
         if preferred != "tie":

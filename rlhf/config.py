@@ -60,6 +60,9 @@ class PPOConfig:
     # effect cancels. 1: one answer per prompt.
     group_size: int = 4
     minibatch_size: int = 8
+    # A group's answers (one prompt's, or one conversation's served answers) share a minibatch: an answer's
+    # gradient step sees the siblings it is baselined on (ppo_math.minibatches). False: rows shuffled freely.
+    minibatch_groups: bool = False
     epochs: int = 2  # passes over each rollout batch
     # Against the preference itself, 1e-4, 3e-4 and 1e-3 moved held-out VADER by +0.115, +0.124 and +0.141 (each
     # about ±0.06) for 0.2, 3.4 and 10.7 nats (bench/RESULTS.md, PPO against the preference itself). In the

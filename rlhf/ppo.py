@@ -50,6 +50,7 @@ from rlhf.ppo_math import (
     leave_one_out_groups,
     masked_mean,
     masked_var,
+    minibatches,
     policy_loss,
     value_loss,
     whiten,
@@ -245,7 +246,9 @@ class PPOTrainer:
         advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam if c.critic else 1.0)
         advantages = whiten(advantages, mask)
         advantaged = time.perf_counter()
-        stats = self.train_minibatches(rollouts, advantages, returns, minibatch_size)
+        stats = self.train_minibatches(
+            rollouts, advantages, returns, minibatch_size, groups if c.minibatch_groups else None
+        )
         update_s = time.perf_counter() - advantaged
 
         mean_kl = kl.sum(-1).mean().item()
@@ -319,13 +322,16 @@ class PPOTrainer:
         return raw, torch.where(rollouts.has_eos, raw, torch.full_like(raw, self.config.missing_eos_penalty))
 
     def train_minibatches(
-        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor, minibatch_size: int
+        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor, minibatch_size: int,
+        groups: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """`epochs` passes over the rollout batch in shuffled minibatches; the mean of each loss term."""
+        """`epochs` passes over the rollout batch in shuffled minibatches (with groups: a group's answers in one
+        minibatch, ppo_math.minibatches); the mean of each loss term."""
         c = self.config
         totals = defaultdict(list)
         for _ in range(c.epochs):
-            for rows in torch.randperm(len(rollouts.prompts), device=self.device).split(minibatch_size):
+            for rows in minibatches(len(rollouts.prompts), minibatch_size, groups):
+                rows = rows.to(self.device)
                 batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
                 logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
                 logprobs = token_logprobs(logits, batch.responses)  # (b, R)

@@ -51,6 +51,27 @@ def leave_one_out_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Te
     return scores - torch.where(others > 0, in_group, everyone)
 
 
+def minibatches(n: int, size: int, groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices of n answers in shuffled minibatches of about `size` (global RNG). With groups (a group id per
+    answer) a group's answers share a minibatch: whole groups in shuffled order, as many as fit in `size` (a group
+    larger than `size` is a minibatch of its own). Each step then sees an answer beside the siblings it is
+    baselined on, so what their gradients share (the prompt, the opening words) cancels within the step rather
+    than across steps."""
+    if groups is None:
+        return list(torch.randperm(n).split(size))
+    ids = torch.unique(groups.cpu(), return_inverse=True)[1]
+    out, current = [], []
+    for g in torch.randperm(int(ids.max()) + 1).tolist():
+        members = (ids == g).nonzero().flatten().tolist()
+        if current and len(current) + len(members) > size:
+            out.append(torch.tensor(current))
+            current = []
+        current += members
+    if current:
+        out.append(torch.tensor(current))
+    return out
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Scale to unit variance over the masked entries; also centre on 0 unless shift_mean is False.
 

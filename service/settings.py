@@ -173,6 +173,10 @@ class Settings(BaseSettings):
         "siblings' mean (RLOO), so the prompt's own effect cancels. 1: one answer per prompt.",
     )
     ppo_minibatch_size: int = Field(PPOConfig.minibatch_size, ge=1, description="Answers per PPO gradient step.")
+    ppo_minibatch_groups: bool = Field(
+        PPOConfig.minibatch_groups, description="Keep a group's answers (one prompt's samples, one conversation's "
+        "served answers) in one PPO minibatch, so a step sees an answer beside the siblings it is baselined on."
+    )
     ppo_epochs: int = Field(PPOConfig.epochs, ge=1, description="Passes over each PPO batch.")
     ppo_lr: float = Field(PPOConfig.lr, gt=0, description="Policy (LoRA) learning rate in PPO.")
     ppo_max_kl: float = Field(

@@ -1,0 +1,112 @@
+"""PPO's served iteration against DPO on the same votes: `python -m bench.served_sweep [--variants ...] [--write]`.
+
+In the learning benchmark DPO, trained on its users' comparisons, moves further and gains more per nat than PPO,
+whose first iteration trains on the very same verdicts: the answers production served, each rewarded +1 or -1
+by its user's vote (rlhf/ppo.py, PPOTrainer.step_served). This isolates that step. The base answers training
+prompts three times each at the service's sampling settings (the served answers); simulated users vote on them as
+in the loop (bench/offline_sweep.py: the first two compared, a thumb on the third); then each variant trains a
+fresh adapter from the base on the same records, with the service's settings (CHATLOOP_*) except what the variant
+names: DPO on their comparisons, PPO's served iteration on every voted answer. The base and every adapter answer
+all held-out prompts with the same seeds (bench.loop_eval), so each gain is a paired difference.
+"""
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.loop_eval import compare_variants
+from bench.offline_sweep import base_answers, simulated_votes
+from bench.preferences import load_prompts
+from bench.serve import git_label, write_results
+from bench.users import UserConfig
+from rlhf.data import FeedbackData, Served
+from rlhf.modeling import load_base
+from rlhf.offline import train_offline
+from rlhf.ppo import PPOTrainer
+from service.engine.model import resolve_base_model
+from service.settings import Settings
+from workers.config import config_from_settings
+
+# name: (algorithm, changes to the service's PPO settings, thumbs too)
+VARIANTS: dict[str, tuple[str, dict, bool]] = {
+    "dpo (default)": ("dpo", {}, False),
+    "ppo served (default)": ("ppo", {}, True),
+    "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}, True),
+    "ppo served, comparisons only": ("ppo", {}, False),
+    "ppo served, 4 epochs": ("ppo", {"epochs": 4}, True),
+    "ppo served, groups, 4 epochs": ("ppo", {"minibatch_groups": True, "epochs": 4}, True),
+}
+
+
+def served_answers(data: FeedbackData, ended: dict[str, bool], thumbs: bool = True) -> list[Served]:
+    """Every voted answer as the PPO trainer takes served ones: both sides of each comparison (+1 chosen, -1
+    rejected) and, with thumbs, each thumbed answer (+1 up, -1 down). ended: answer text -> it stopped at EOS."""
+    out = [Served(p.prompt, text, ended[text], vote)
+           for p in data.pairs for text, vote in ((p.chosen, 1.0), (p.rejected, -1.0))]
+    if thumbs:
+        out += [Served(t.prompt, t.answer, ended[t.answer], 1.0 if t.label else -1.0) for t in data.thumbs]
+    return out
+
+
+def run_variant(name: str, data: FeedbackData, ended: dict[str, bool], settings: Settings, out: Path) -> float:
+    """Train one adapter from the base on the votes and save it to out; returns the training seconds."""
+    algorithm, changes, thumbs = VARIANTS[name]
+    config = config_from_settings(settings)
+    base, tokenizer = load_base(resolve_base_model(settings))
+    started = time.monotonic()
+    if algorithm == "ppo":
+        served = served_answers(data, ended, thumbs)
+        trainer = PPOTrainer(base, tokenizer, None, replace(config.ppo, **changes))
+        [stats] = trainer.train(data.prompts, 1, served=served)
+        print(f"  {len(served)} served answers: update {stats['time/update_s']:.0f} s, approx KL to pi_old "
+              f"{stats['ppo/policy/approx_kl']:.3f}, clipped {stats['ppo/policy/clipfrac']:.2f}", flush=True)
+        trainer.save_adapter(out)
+    else:
+        offline = replace(config.offline, algorithm=algorithm, **changes)
+        train_offline(base, tokenizer, data, offline, None, out)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--votes", type=int, default=150, help="records (comparisons and thumbs) to train on; "
+                        "150 is DPO's window (CHATLOOP_OFFLINE_WINDOW)")
+    parser.add_argument("--samples", type=int, default=5, help="answers per held-out prompt and policy")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    train = load_prompts(split="train")
+    random.Random(args.seed).shuffle(train)
+    # Each prompt gives a comparison and a thumb: enough prompts for the records, with room for ties.
+    answers = base_answers(train[: args.votes // 2 + 8], settings, args.seed)
+    ended = {text: stop for _, texts, _, stops in answers for text, stop in zip(texts, stops, strict=True)}
+    data = simulated_votes(answers, UserConfig(seed=args.seed), args.votes)
+    print(f"{len(data.pairs)} comparisons, {len(data.thumbs)} thumbs", flush=True)
+    heldout = load_prompts(split="heldout")
+    table = compare_variants(
+        resolve_base_model(settings), args.variants,
+        lambda name, out: run_variant(name, data, ended, settings, out), heldout, "vader", args.samples,
+    )
+    print(table)
+    if args.write:
+        machine = (f"{args.threads} torch threads; one run from the base on {len(data.pairs)} comparisons and "
+                   f"{len(data.thumbs)} thumbs of simulated users (VADER, noise {UserConfig().noise}) on base "
+                   f"answers, the service's settings otherwise, seed {args.seed}; {len(heldout)} held-out prompts x "
+                   f"{args.samples} answers, VADER compound; the score's ± is its standard error, the gain's that "
+                   "of the paired difference.")
+        write_results("PPO's served iteration against DPO on the same votes (bench/served_sweep.py)", table + "\n",
+                      machine, " ".join(["python -m bench.served_sweep", *sys.argv[1:]]))
+        print(f"written ({git_label()})")
+
+
+if __name__ == "__main__":
+    main()
