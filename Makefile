@@ -31,7 +31,8 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light)
 
 test: lint system-deps
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	# the 15 slowest tests at the end: where the suite's time goes (keep it under about 12 minutes on 2 cores)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # ruff, and the import contracts that keep the layers (pyproject.toml, [tool.importlinter])
 lint: install

@@ -56,7 +56,7 @@ def base_answers(
     for start in range(0, len(prompts), 16):
         chunk = prompts[start : start + 16]
         conversations = [[{"role": "user", "content": p}] for p in chunk for _ in range(ANSWERS_PER_PROMPT)]
-        ids, _ = generate(base, tokenizer, conversations, users.temperature, users.max_tokens, eos, "bf16")
+        ids, _ = generate(base, tokenizer, conversations, users.temperature, users.max_tokens, eos, "auto")
         texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
         scores = score(conversations, texts, ids).tolist()
         for i, prompt in enumerate(chunk):

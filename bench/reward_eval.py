@@ -51,7 +51,7 @@ def base_answers(base_path: Path, prompts: list[str], per_prompt: int, cache: Pa
             for start in range(0, len(todo), 4):
                 chunk = todo[start : start + 4]
                 conversations = [[{"role": "user", "content": p}] for p in chunk for _ in range(per_prompt)]
-                ids, _ = generate(base, tokenizer, conversations, temperature, max_tokens, eos, "bf16")
+                ids, _ = generate(base, tokenizer, conversations, temperature, max_tokens, eos, "auto")
                 texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
                 scores = score(conversations, texts, ids).tolist()
                 for i, prompt in enumerate(chunk):

@@ -8,7 +8,10 @@ test, a benchmark and a deployment that set nothing all train the same way.
 from dataclasses import dataclass, field
 from typing import Literal
 
-Precision = Literal["bf16", "fp32"]  # forward passes under bf16 autocast over fp32 master weights, or plain fp32
+# Forward passes under bf16 autocast over fp32 master weights ("bf16"), or plain fp32; "auto": bf16 where the device
+# runs it natively (common/precision.py), else fp32
+from common.precision import Precision
+
 Algorithm = Literal["ppo", "dpo", "kto"]
 KLPenalty = Literal["reward", "loss"]
 RewardPooling = Literal["mean", "last", "mean+last"]
@@ -42,7 +45,7 @@ class RewardConfig:
     score_batch_size: int = 16  # rows per forward pass of the base
     bootstrap: int = 1000  # resamples for the held-out accuracy's 95 % interval
     seed: int = 0
-    precision: Precision = "bf16"  # the base's forward under autocast; the head is fp32
+    precision: Precision = "auto"  # the base's forward (bf16: under autocast); the head is fp32
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardConfig":
@@ -113,7 +116,7 @@ class PPOConfig:
     # 95 % lower bound at or below this trains on those answers alone (0: always sample fresh too).
     min_reward_accuracy: float = 0.5
     seed: int = 0
-    precision: Precision = "bf16"
+    precision: Precision = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -143,7 +146,8 @@ class OfflineConfig:
     # through the LM for every record, about 2 s a pair on 2 cores.
     window: int = 150
     seed: int = 0
-    precision: Precision = "bf16"  # bench/RESULTS.md, "Training": bf16 DPO is ~2x fp32 per pair on 2 cores
+    # bench/RESULTS.md, "Training": where bf16 is native, bf16 DPO is ~2x fp32 per pair on 2 cores
+    precision: Precision = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -159,7 +163,7 @@ class EvalConfig:
     max_prompt_tokens: int = 512
     batch_size: int = 16
     seed: int = 0
-    precision: Precision = "bf16"
+    precision: Precision = "auto"
 
 
 @dataclass

@@ -15,16 +15,18 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from common.models import ADAPTER_FILES
+from common.precision import resolve_precision
 from rlhf.config import LoraSettings, Precision
 
 
 def autocast(precision: Precision, device: torch.device | str = "cpu"):
-    """Matmuls in bf16 over the fp32 master weights ("bf16"), or plain fp32. On the reference CPU bf16
-    matmuls run 2-2.5x faster (docs/cpu-measurements.md); LoRA weights, optimiser state, losses, log-softmax and
-    the heads stay fp32, so only the activations lose precision. Wrap forward passes, not backward."""
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', not {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """Matmuls in bf16 over the fp32 master weights ("bf16"), or plain fp32; "auto": bf16 where the device runs it
+    natively (common.precision.bf16_is_fast). On a CPU with AMX bf16 matmuls run 2-2.5x faster
+    (docs/cpu-measurements.md), on one without it several times slower; LoRA weights, optimiser state, losses,
+    log-softmax and the heads stay fp32, so only the activations lose precision. Wrap forward passes, not
+    backward."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
 def peft_config(lora: LoraSettings) -> LoraConfig:

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallba
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from common.conversations import Messages, conversation_id
+from common.precision import resolve_precision
 from common.records import Pair, Thumb
 from rlhf.config import OfflineConfig
 from rlhf.data import FeedbackData
@@ -118,7 +119,8 @@ def trainer_args(
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         warmup_steps=warmup_steps(config, len(rows)), beta=config.beta,
         max_length=config.max_prompt_tokens + config.max_answer_tokens,
-        bf16=config.precision == "bf16", seed=config.seed, use_cpu=cpu, activation_checkpointing=False,
+        bf16=resolve_precision(config.precision, "cpu" if cpu else "cuda") == "bf16", seed=config.seed, use_cpu=cpu,
+        activation_checkpointing=False,
         logging_steps=1,
         save_strategy="no", report_to="none", push_to_hub=False, dataloader_pin_memory=False, disable_tqdm=quiet,
     )

@@ -141,7 +141,8 @@ class Settings(BaseSettings):
     )
     train_precision: Precision = Field(
         RewardConfig.precision, description="Training forward passes under bf16 autocast (fp32 master weights), "
-        "or plain fp32.",
+        "or plain fp32. 'auto': bf16 where the device runs it natively (CUDA, CPUs with AVX512-BF16 or AMX), else "
+        "fp32.",
     )
     train_threads: int | None = Field(
         None, ge=1, description="torch threads of a training stage (unset: all cores; `chatloop up` leaves "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from common.precision import bf16_is_fast
 from service.engine.forward import Forward, make_forward
 from service.engine.lora import LoraAdapter, merged_weights
 from service.engine.threads import one_torch_thread
@@ -89,8 +90,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 is 2-2.5x faster than fp32 on CPUs with AVX512-BF16/AMX (docs/cpu-measurements.md), slower elsewhere.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
 @dataclass

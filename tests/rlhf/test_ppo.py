@@ -239,6 +239,31 @@ def test_served_answers_make_the_first_batch_with_their_ends_kept(tiny_base):
     assert any(not torch.equal(after[n], p) for n, p in before.items())
 
 
+@pytest.mark.parametrize("keep_groups", [True, False])
+def test_minibatch_groups_keep_a_conversations_served_answers_in_one_step(tiny_base, monkeypatch, keep_groups):
+    """With minibatch_groups each gradient step holds whole conversations: both answers to a prompt, never one."""
+    import rlhf.ppo
+
+    base, tokenizer = tiny_base
+    trainer = PPOTrainer(base, tokenizer, None, tiny_config(minibatch_size=3, epochs=2, minibatch_groups=keep_groups))
+    served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+    steps = []
+
+    def spy(n, size, groups=None):
+        batches = rlhf.ppo_math.minibatches(n, size, groups)
+        steps.extend(sorted(i % 6 for i in batch.tolist()) for batch in batches)  # answer i is to prompt i % 6
+        return batches
+
+    monkeypatch.setattr(rlhf.ppo, "minibatches", spy)
+    torch.manual_seed(0)
+    trainer.train(PROMPTS, 1, served=served)
+    whole = [len(step) == 2 and step[0] == step[1] for step in steps]
+    if keep_groups:
+        assert len(steps) == 12 and all(whole)  # 6 conversations of 2 in steps of at most 3, twice
+    else:
+        assert [len(step) for step in steps] == [3, 3, 3, 3] * 2 and not all(whole)
+
+
 def test_recomputing_in_chunks_gives_the_numbers_of_one_pass(tiny_base):
     """recompute() runs batch_size rows at a time; a batch of 12 answers in chunks of 4 and of 16 agree."""
     base, tokenizer = tiny_base

@@ -1,5 +1,6 @@
 """PPO maths against values worked out by hand (the working is in the comments)."""
 
+import itertools
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from rlhf.ppo_math import (
     leave_one_out_groups,
     masked_mean,
     masked_var,
+    minibatches,
     policy_loss,
     value_loss,
     whiten,
@@ -250,3 +252,37 @@ def test_leave_one_out_groups_by_hand():
     # Equal groups give what leave_one_out gives.
     same = torch.tensor([1.0, 2.0, 3.0, 5.0])
     torch.testing.assert_close(leave_one_out_groups(same, torch.tensor([0, 0, 1, 1])), leave_one_out(same, 2))
+
+
+def test_minibatches_without_groups_split_a_permutation():
+    torch.manual_seed(0)
+    batches = minibatches(7, 3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sorted(torch.cat(batches).tolist()) == list(range(7))
+
+
+def test_minibatches_keep_each_group_whole_and_fill_up_to_the_size():
+    # groups of 3, 2, 1, 5 (larger than the size: a minibatch of its own) and 1 answer, ids not in order
+    groups = torch.tensor([7, 7, 7, 2, 2, 9, 4, 4, 4, 4, 4, 0])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        batches = minibatches(len(groups), 4, groups)
+        rows = torch.cat(batches).tolist()
+        assert sorted(rows) == list(range(len(groups)))  # every answer once
+        where = {}
+        for i, batch in enumerate(batches):
+            for g in groups[batch].tolist():
+                assert where.setdefault(g, i) == i  # no group split across minibatches
+            assert len(batch) <= 4 or set(groups[batch].tolist()) == {4}
+        # greedy packing in the shuffled order: no two neighbours would have fitted together
+        sizes = [len(b) for b in batches]
+        assert all(a + b > 4 for a, b in itertools.pairwise(sizes))
+
+
+def test_minibatch_order_is_shuffled():
+    groups = torch.arange(6).repeat_interleave(2)
+    orders = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        orders.add(tuple(groups[torch.cat(minibatches(12, 4, groups))].tolist()))
+    assert len(orders) > 1
