@@ -1,30 +1,22 @@
-"""Which precision is the fast one on a device: one answer for serving (service/engine) and training (rlhf).
+"""Which precision is the fast one on a device: one answer for serving (service/engine) and training (rlhf)."""
 
-torch is imported only when a device is asked about: the settings read `Precision` where beat runs without torch.
-"""
+from typing import Literal
 
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    import torch
-
-Precision = Literal["auto", "bf16", "fp32"]
+import torch
 
 
-def bf16_is_fast(device: "torch.device | str") -> bool:
+def bf16_is_fast(device: torch.device | str) -> bool:
     """bf16 matmuls are native here: a CUDA device that supports bf16, or a CPU with AVX512-BF16 or AMX, where
     oneDNN's bf16 matmuls run 2-2.5x faster than fp32 (docs/cpu-measurements.md). On an AVX2-only CPU bf16 is
     emulated: a forward pass of the default base under bf16 autocast took 7x as long as in fp32 (bench/RESULTS.md,
     "Training precision on a CPU without native bf16")."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def resolve_precision(precision: Precision, device: "torch.device | str") -> Literal["bf16", "fp32"]:
+def resolve_precision(precision: str, device: torch.device | str) -> Literal["bf16", "fp32"]:
     """'auto' as bf16 where it is fast on the device (bf16_is_fast), else fp32; 'bf16' and 'fp32' as they are."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {precision!r}")

@@ -10,8 +10,7 @@ from typing import Literal
 
 # Forward passes under bf16 autocast over fp32 master weights ("bf16"), or plain fp32; "auto": bf16 where the device
 # runs it natively (common/precision.py), else fp32
-from common.precision import Precision
-
+Precision = Literal["auto", "bf16", "fp32"]
 Algorithm = Literal["ppo", "dpo", "kto"]
 KLPenalty = Literal["reward", "loss"]
 RewardPooling = Literal["mean", "last", "mean+last"]
