@@ -41,6 +41,7 @@ from bench.preferences import load_prompts
 from bench.reward_eval import base_answers, report, reward_scores
 from bench.stack import Stack
 from bench.users import UserConfig, UserStats, run_users
+from common.precision import bf16_is_fast
 from rlhf.config import EvalConfig
 from rlhf.modeling import load_base
 from rlhf.reward import RewardModel
@@ -241,6 +242,7 @@ def run_variant(algorithm: str, preference: str, seed: int, config: LoopConfig, 
         "name": name, "algorithm": algorithm, "preference": preference, "seed": seed,
         "budget_s": config.budget_s, "generations": config.generations,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cores": os.cpu_count(),
+        "native_bf16": bf16_is_fast("cpu"),  # what CHATLOOP_TRAIN_PRECISION=auto trains in, here
         "settings": Settings().model_dump(mode="json", exclude={"redis_url", "data_dir", "base_model", "port"}),
         "stack_env": config.env, "users_config": asdict(users), "heldout_prompts": len(heldout),
         "samples": config.samples, "reward_answers": config.reward_answers, "eval_seconds": eval_seconds,

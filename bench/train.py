@@ -2,15 +2,16 @@
 
 For each torch thread count (--threads), each stage in a fresh process, as a Celery child runs it:
 (a) reward-model training throughput, in comparisons per second, on synthetic pairs of realistic
-    length (~30-token prompts, ~60-token answers), batch 16, the default LoRA (r=16, all linear layers);
+    length (~30-token prompts, ~60-token answers): the frozen base's features of each answer, 16 answers a
+    forward pass, then the default heads;
 (b) one PPO iteration as rlhf.pipeline runs it: 16 prompts, up to 48 new tokens each at T = 0.7, a fresh
     r=16 all-linear policy adapter, the reward model of (a) as an adapter of the same PeftModel; split
     into generate, forward (logprobs, values, reference), score (reward model) and update (4 epochs,
     minibatch 4). One iteration: on two busy cores a second would double the bench for little;
-(c) each stage's peak RSS, the size of one copy of the base weights, and how many copies of the base the
-    policy, its reference and the reward model hold between them.
+(c) each stage's peak RSS and the size of the one copy of the base weights that the policy, its reference and
+    the reward model share.
 Then, at the first thread count, what bf16 would save: one update minibatch and the rollout forward
-under torch.autocast(bfloat16) against fp32, and sampling from a bf16 copy of the policy.
+under torch.autocast(bfloat16) against fp32, and sampling from a bf16 copy of the policy or under autocast.
 """
 
 import argparse
@@ -31,6 +32,7 @@ from transformers import AutoTokenizer
 
 from bench.serve import write_results
 from common.conversations import Messages
+from common.precision import resolve_precision
 from common.records import Pair
 from rlhf.config import PPOConfig, RewardConfig
 from rlhf.data import build_datasets
@@ -53,9 +55,11 @@ BF16_PARTS = {
     "update": "update: one minibatch, forward + backward",
     "forward": "rollout forward: logits and values of the 16 answers",
     "generate": f"generate(): {BATCH} answers of {NEW_TOKENS} tokens",
+    "generate_autocast": f"generate() under autocast over the fp32 weights (what the trainer runs at bf16): {BATCH} "
+    f"answers of {NEW_TOKENS} tokens",
 }
 HEADER = [
-    "threads", "RM pairs/s", "RM s/step", "RM peak RSS MiB", "PPO s/iter", "generate s", "forward s", "score s",
+    "threads", "RM pairs/s", "RM s/forward", "RM peak RSS MiB", "PPO s/iter", "generate s", "forward s", "score s",
     "update s", "answer tokens", "PPO peak RSS MiB",
 ]
 
@@ -79,29 +83,27 @@ def peak_rss_mib() -> float:
 
 
 def reward_stage(threads: int, base_path: Path, pairs: list[Pair], out: Path) -> dict:
-    """Train a reward model for one epoch over the pairs, timing its steps; save it to out."""
+    """Train a reward model on the pairs (the base's features of every answer, BATCH answers a forward pass, then
+    the heads), timing it; save it to out."""
     torch.set_num_threads(threads)
     base, tokenizer = load_base(base_path)
     ticks = [time.perf_counter()]
     data = build_datasets(pairs, heldout_fraction=0.0)
-    config = RewardConfig(epochs=1, batch_size=BATCH)
+    config = RewardConfig(score_batch_size=BATCH)
     model, _ = train_reward_model(base, tokenizer, data, config, progress=lambda *_: ticks.append(time.perf_counter()))
+    total = time.perf_counter() - ticks[0]
     model.save(out)
-    step_s = (ticks[-1] - ticks[0]) / (len(ticks) - 1)
-    return {"pairs_s": BATCH / step_s, "step_s": step_s, "peak_mib": peak_rss_mib()}
+    step_s = (ticks[-1] - ticks[0]) / max(len(ticks) - 1, 1)  # one forward pass over BATCH answers
+    return {"pairs_s": len(pairs) / total, "step_s": step_s, "peak_mib": peak_rss_mib()}
 
 
 def ppo_stage(threads: int, base_path: Path, reward_dir: Path, prompts: list[Messages], bf16: bool) -> dict:
     """One PPO iteration with the shared reward model; memory figures; optionally what bf16 would save."""
     torch.set_num_threads(threads)
     config = PPOConfig(batch_size=BATCH, minibatch_size=4, epochs=4, max_new_tokens=NEW_TOKENS)
-    trainer, reward_model = ppo_trainer(reward_dir, base_path, config)
+    trainer, _ = ppo_trainer(reward_dir, base_path, config)
     base = {p.data_ptr(): p for n, p in trainer.policy.named_parameters() if "lora_" not in n}
-    held = {p.data_ptr() for n, p in reward_model.body.named_parameters() if "lora_" not in n}
-    result = {
-        "base_mib": sum(p.numel() * p.element_size() for p in base.values()) / 2**20,
-        "copies": len(held | base.keys()) / len(base),
-    }
+    result = {"base_mib": sum(p.numel() * p.element_size() for p in base.values()) / 2**20}
     torch.manual_seed(0)
     result["stats"] = trainer.step(prompts)
     result["peak_mib"] = peak_rss_mib()
@@ -125,7 +127,7 @@ def bf16_savings(trainer: PPOTrainer, prompts: list[Messages]) -> dict[str, tupl
     def update(dtype: torch.dtype) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             logits, values = forward_answers(model, minibatch, temperature, head)
-            loss = logits.logsumexp(-1).mean() + values.mean()
+            loss = logits.logsumexp(-1).mean() + (0 if values is None else values.mean())  # values: with a critic
         loss.backward()
 
     @torch.no_grad()
@@ -140,11 +142,12 @@ def bf16_savings(trainer: PPOTrainer, prompts: list[Messages]) -> dict[str, tupl
         figures[name] = (timed(fn, torch.float32), timed(fn, torch.bfloat16))
     trainer.optimizer.zero_grad(set_to_none=True)
 
-    def sample(policy: torch.nn.Module) -> None:
+    def sample(policy: torch.nn.Module, precision: str = "fp32") -> None:
         torch.manual_seed(0)
-        generate(policy, trainer.tokenizer, prompts, temperature, NEW_TOKENS, trainer.eos_ids)
+        generate(policy, trainer.tokenizer, prompts, temperature, NEW_TOKENS, trainer.eos_ids, precision)
 
     figures["generate"] = (timed(sample, model), timed(sample, half))
+    figures["generate_autocast"] = (figures["generate"][0], timed(sample, model, "bf16"))
     return figures
 
 
@@ -181,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Settings().data_dir, help="where the base is converted")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rm-steps", type=int, default=1, help="reward-model steps of 16 pairs per thread count")
+    parser.add_argument("--rm-steps", type=int, default=1, help="reward-model pairs per thread count, in 16s")
     parser.add_argument("--write", action="store_true", help="record the tables in bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -211,15 +214,16 @@ def main() -> None:
             first = first or ppo
     notes = (
         f"Synthetic pairs: prompts {prompt_tokens:.0f} tokens once templated, answers {answer_tokens:.0f} tokens. "
-        f"One copy of the base weights is {first['base_mib']:.0f} MiB (fp32); the policy, its reference and the "
-        f"reward model hold {first['copies']:.0f} copy between them. Threads: on two shared cores a second torch "
-        f"thread helps only while the other core is free; with another busy process its OpenMP threads wait on "
-        f"each other and backward-heavy work (reward training, the PPO update) slows down several times.\n\n"
+        f"One copy of the base weights is {first['base_mib']:.0f} MiB (fp32); the policy, its reference (the "
+        f"adapter disabled) and the reward model (a head on the policy's base) share it. Threads: on two shared "
+        f"cores a second torch thread helps only while the other core is free; with another busy process its "
+        f"OpenMP threads wait on each other and backward-heavy work (the PPO update) slows down several times.\n\n"
         f"{ppo_summary(first, args.threads[0])}"
     )
     machine = (
         f"{os.cpu_count()} cores (load {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end), torch "
-        f"{torch.__version__}, float32, {time.monotonic() - started:.0f} s in all."
+        f"{torch.__version__}, training precision {resolve_precision('auto', 'cpu')} (auto), "
+        f"{time.monotonic() - started:.0f} s in all."
     )
     table = markdown(HEADER, rows)
     print(f"\n{machine}\n\n{table}\n\n{notes}")

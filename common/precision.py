@@ -8,8 +8,8 @@ import torch
 def bf16_is_fast(device: torch.device | str) -> bool:
     """bf16 matmuls are native here: a CUDA device that supports bf16, or a CPU with AVX512-BF16 or AMX, where
     oneDNN's bf16 matmuls run 2-2.5x faster than fp32 (docs/cpu-measurements.md). On an AVX2-only CPU bf16 is
-    emulated: a forward pass of the default base under bf16 autocast took 7x as long as in fp32 (bench/RESULTS.md,
-    "Training precision on a CPU without native bf16")."""
+    emulated: sampling under bf16 autocast took 5x as long as in fp32 and the PPO update gained nothing
+    (bench/RESULTS.md, "Training precision on a CPU without native bf16")."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
