@@ -6,7 +6,8 @@ by its user's vote (rlhf/ppo.py, PPOTrainer.step_served). This isolates that ste
 prompts three times each at the service's sampling settings (the served answers); simulated users vote on them as
 in the loop (bench/offline_sweep.py: the first two compared, a thumb on the third); then each variant trains a
 fresh adapter from the base on the same records, with the service's settings (CHATLOOP_*) except what the variant
-names: DPO on their comparisons, PPO's served iteration on every voted answer. The base and every adapter answer
+names: DPO on their comparisons, PPO's served iteration on both answers of each comparison (and, with
+served_thumbs, each thumbed answer). The base and every adapter answer
 all held-out prompts with the same seeds (bench.loop_eval), so each gain is a paired difference.
 """
 
@@ -32,14 +33,17 @@ from service.engine.model import resolve_base_model
 from service.settings import Settings
 from workers.config import config_from_settings
 
-# name: (algorithm, changes to the service's PPO settings, thumbs too)
-VARIANTS: dict[str, tuple[str, dict, bool]] = {
-    "dpo (default)": ("dpo", {}, False),
-    "ppo served (default)": ("ppo", {}, True),
-    "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}, True),
-    "ppo served, comparisons only": ("ppo", {}, False),
-    "ppo served, 4 epochs": ("ppo", {"epochs": 4}, True),
-    "ppo served, groups, 4 epochs": ("ppo", {"minibatch_groups": True, "epochs": 4}, True),
+# name: (algorithm, changes to the service's settings for it)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "dpo (default)": ("dpo", {}),
+    "ppo served (default)": ("ppo", {}),
+    "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}),
+    "ppo served, 4 epochs": ("ppo", {"epochs": 4}),
+    "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
+    "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
+    "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
+    "ppo served, thumbs too, groups, 4 epochs": ("ppo", {"served_thumbs": True, "minibatch_groups": True,
+                                                         "epochs": 4}),
 }
 
 
@@ -55,13 +59,14 @@ def served_answers(data: FeedbackData, ended: dict[str, bool], thumbs: bool = Tr
 
 def run_variant(name: str, data: FeedbackData, ended: dict[str, bool], settings: Settings, out: Path) -> float:
     """Train one adapter from the base on the votes and save it to out; returns the training seconds."""
-    algorithm, changes, thumbs = VARIANTS[name]
+    algorithm, changes = VARIANTS[name]
     config = config_from_settings(settings)
     base, tokenizer = load_base(resolve_base_model(settings))
     started = time.monotonic()
     if algorithm == "ppo":
-        served = served_answers(data, ended, thumbs)
-        trainer = PPOTrainer(base, tokenizer, None, replace(config.ppo, **changes))
+        ppo = replace(config.ppo, **changes)
+        served = served_answers(data, ended, ppo.served_thumbs)
+        trainer = PPOTrainer(base, tokenizer, None, ppo)
         [stats] = trainer.train(data.prompts, 1, served=served)
         print(f"  {len(served)} served answers: update {stats['time/update_s']:.0f} s, approx KL to pi_old "
               f"{stats['ppo/policy/approx_kl']:.3f}, clipped {stats['ppo/policy/clipfrac']:.2f}", flush=True)

@@ -38,14 +38,14 @@ class FeedbackData:
     def heldout_prompts(self) -> list[Messages]:
         return unique_prompts([*self.heldout_pairs, *self.heldout_thumbs])
 
-    def served(self, version: str, temperature: float, limit: int) -> list[Served]:
+    def served(self, version: str, temperature: float, limit: int, thumbs: bool = True) -> list[Served]:
         """Up to `limit` distinct training-side answers served at this temperature with no nucleus cut (top_p 1),
         each with its newest vote: the newest that `version` served (exact samples of it at the trainer's own
         sampling settings) and, when they are fewer than `limit`, the newest that other versions served. Those are
         samples of a neighbouring policy (the production before it, a candidate in an A/B test against it) that
         their users judged all the same: a run that starts right after a promotion would otherwise train on the
         handful of answers the new production wrote while it was a candidate (12 in one benchmark run).
-        Newest last."""
+        thumbs=False: the answers of comparisons only. Newest last."""
 
         def sampled_as_trained(origin: Origin) -> bool:
             return (origin.adapter is not None and origin.temperature == temperature and origin.top_p in (None, 1.0)
@@ -54,7 +54,8 @@ class FeedbackData:
         found: dict[tuple, Served] = {}
         answers = [(p.created or 0, p.prompt, text, origin, vote) for p in self.pairs
                    for text, origin, vote in zip((p.chosen, p.rejected), p.origins, (1.0, -1.0), strict=True)]
-        answers += [(t.created or 0, t.prompt, t.answer, t.origin, 1.0 if t.label else -1.0) for t in self.thumbs]
+        if thumbs:
+            answers += [(t.created or 0, t.prompt, t.answer, t.origin, 1.0 if t.label else -1.0) for t in self.thumbs]
         for _, prompt, text, origin, vote in sorted(answers, key=lambda a: a[0]):  # oldest vote first: newest wins
             if sampled_as_trained(origin):
                 key = (conversation_id(prompt), text)

@@ -101,7 +101,8 @@ def train_policy(
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
     trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter, config.device)
-    served = data.served(init_version, config.ppo.temperature, config.ppo.served_batch) if init_version else []
+    ppo = config.ppo
+    served = data.served(init_version, ppo.temperature, ppo.served_batch, ppo.served_thumbs) if init_version else []
     iterations = ppo_iterations(config.ppo, len(served), read_meta(reward_dir)["metadata"].get("metrics", {}))
     report = (lambda i, stats: progress("ppo", i, iterations, stats)) if progress else None
     history = trainer.train(data.prompts, iterations, report, served)

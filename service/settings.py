@@ -207,6 +207,10 @@ class Settings(BaseSettings):
         "first PPO iteration's batch, rewarded by their users' votes; other versions' answers fill up when production "
         "served fewer (0: fresh samples only).",
     )
+    ppo_served_thumbs: bool = Field(
+        PPOConfig.served_thumbs, description="Thumbed answers join PPO's served batch (else only both answers of "
+        "each comparison, which measured several times the gain per nat)."
+    )
     ppo_min_reward_accuracy: float = Field(
         PPOConfig.min_reward_accuracy, ge=0, le=1, description="With served answers to train on, a run samples fresh "
         "answers for its reward model to score only when that model's held-out pair accuracy has a 95 % lower bound "

@@ -60,3 +60,18 @@ def test_served_fills_up_with_other_versions_answers_newest_first():
     assert [(s.text, s.on_policy) for s in served] == [("ab", False), ("new", False), ("mine", True)]
     assert [s.text for s in data.served("v1", 0.7, limit=10)] == ["old", "ab", "new", "mine"]
     assert [s.text for s in data.served("v1", 0.7, limit=1)] == ["mine"]
+
+
+def test_served_without_thumbs_keeps_the_answers_of_comparisons_only():
+    """A thumb's vote on an answer that was also in a comparison does not count either: the comparison's does."""
+    from common.records import Origin
+
+    mine = Origin("v1", "stop", 0.7, 1.0)
+    items = [
+        Pair(PROMPT, "a", "b", created=1, origins=(mine, mine)),
+        Thumb(PROMPT, "a", False, created=2, origin=mine),  # newer than the comparison, but a thumb
+        Thumb(PROMPT, "c", True, created=3, origin=mine),
+    ]
+    data = build_datasets(items, heldout_fraction=0.0)
+    assert [(s.text, s.vote) for s in data.served("v1", 0.7, limit=10, thumbs=False)] == [("a", 1.0), ("b", -1.0)]
+    assert [(s.text, s.vote) for s in data.served("v1", 0.7, limit=10)] == [("b", -1.0), ("a", -1.0), ("c", 1.0)]
