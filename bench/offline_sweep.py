@@ -84,6 +84,17 @@ def simulated_votes(
                         thumbs=[v for v in votes if isinstance(v, Thumb)])
 
 
+def training_votes(votes: int, settings: Settings, seed: int) -> tuple[list[tuple], FeedbackData]:
+    """The base's answers to shuffled training prompts and the first `votes` simulated votes on them."""
+    train = load_prompts(split="train")
+    random.Random(seed).shuffle(train)
+    # Each prompt gives a comparison and a thumb: enough prompts for the votes, with room for ties.
+    answers = base_answers(train[: votes // 2 + 8], settings, seed)
+    data = simulated_votes(answers, UserConfig(seed=seed), votes)
+    print(f"{len(data.pairs)} comparisons, {len(data.thumbs)} thumbs", flush=True)
+    return answers, data
+
+
 def run_variant(algorithm: str, lr: float, data: FeedbackData, settings: Settings, out: Path) -> float:
     """Train one adapter from the base on the votes and save it to out; returns the training seconds."""
     config = replace(config_from_settings(settings).offline, algorithm=algorithm, lr=lr)
@@ -108,13 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = Settings()
-    train = load_prompts(split="train")
-    random.Random(args.seed).shuffle(train)
-    votes_wanted = settings.train_window or 150
-    # Each prompt gives a comparison and a thumb: enough prompts for the window, with room for ties.
-    answers = base_answers(train[: votes_wanted // 2 + 8], settings, args.seed)
-    data = simulated_votes(answers, UserConfig(seed=args.seed), votes_wanted)
-    print(f"{len(data.pairs)} comparisons, {len(data.thumbs)} thumbs", flush=True)
+    _, data = training_votes(settings.train_window or 150, settings, args.seed)
     heldout = load_prompts(split="heldout")[: args.eval_prompts]
     table = compare_variants(
         resolve_base_model(settings), args.variants,

@@ -12,7 +12,6 @@ all held-out prompts with the same seeds (bench.loop_eval), so each gain is a pa
 """
 
 import argparse
-import random
 import sys
 import time
 from dataclasses import replace
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.loop_eval import compare_variants
-from bench.offline_sweep import base_answers, simulated_votes
+from bench.offline_sweep import training_votes
 from bench.preferences import load_prompts
 from bench.serve import git_label, write_results
 from bench.users import UserConfig
@@ -89,13 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = Settings()
-    train = load_prompts(split="train")
-    random.Random(args.seed).shuffle(train)
-    # Each prompt gives a comparison and a thumb: enough prompts for the records, with room for ties.
-    answers = base_answers(train[: args.votes // 2 + 8], settings, args.seed)
+    answers, data = training_votes(args.votes, settings, args.seed)
     ended = {text: stop for _, texts, _, stops in answers for text, stop in zip(texts, stops, strict=True)}
-    data = simulated_votes(answers, UserConfig(seed=args.seed), args.votes)
-    print(f"{len(data.pairs)} comparisons, {len(data.thumbs)} thumbs", flush=True)
     heldout = load_prompts(split="heldout")
     table = compare_variants(
         resolve_base_model(settings), args.variants,
