@@ -100,14 +100,14 @@ def train_policy(
         raise ValueError(f"unknown algorithm {config.algorithm!r}: ppo, dpo or kto")
     if not data.prompts:
         raise ValueError("no training prompts in the feedback data")
-    trainer, _ = ppo_trainer(reward_dir, base_path, config.ppo, init_adapter, config.device)
     ppo = config.ppo
+    trainer, _ = ppo_trainer(reward_dir, base_path, ppo, init_adapter, config.device)
     served = data.served(init_version, ppo.temperature, ppo.served_batch, ppo.served_thumbs) if init_version else []
-    iterations = ppo_iterations(config.ppo, len(served), read_meta(reward_dir)["metadata"].get("metrics", {}))
+    iterations = ppo_iterations(ppo, len(served), read_meta(reward_dir)["metadata"].get("metrics", {}))
     report = (lambda i, stats: progress("ppo", i, iterations, stats)) if progress else None
     history = trainer.train(data.prompts, iterations, report, served)
     trainer.save_adapter(out_dir)
-    (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(config.ppo), "history": history}, default=str))
+    (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(ppo), "history": history}, default=str))
     return history
 
 

@@ -59,14 +59,16 @@ def minibatches(n: int, size: int, groups: torch.Tensor | None = None) -> list[t
     than across steps."""
     if groups is None:
         return list(torch.randperm(n).split(size))
-    ids = torch.unique(groups.cpu(), return_inverse=True)[1]
+    ids = torch.unique(groups.cpu(), return_inverse=True)[1].tolist()
+    members: list[list[int]] = [[] for _ in range(max(ids) + 1)]
+    for row, g in enumerate(ids):
+        members[g].append(row)
     out, current = [], []
-    for g in torch.randperm(int(ids.max()) + 1).tolist():
-        members = (ids == g).nonzero().flatten().tolist()
-        if current and len(current) + len(members) > size:
+    for group in torch.randperm(len(members)).tolist():
+        if current and len(current) + len(members[group]) > size:
             out.append(torch.tensor(current))
             current = []
-        current += members
+        current += members[group]
     if current:
         out.append(torch.tensor(current))
     return out
