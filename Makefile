@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# pytest-xdist processes for `make test`: one per core of the 2-core reference machine (tests/conftest.py splits the
+# cores and the Redis databases between them)
+TEST_WORKERS ?= 2
 RUNS ?= ppo:vader:0 ppo:vader:1 ppo:concise:0 dpo:vader:0 kto:vader:0
 
 .PHONY: install system-deps run test lint bench bench-loop clean
@@ -32,7 +35,7 @@ system-deps:
 
 test: lint system-deps
 	# the 15 slowest tests at the end: where the suite's time goes (keep it under about 12 minutes on 2 cores)
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # ruff, and the import contracts that keep the layers (pyproject.toml, [tool.importlinter])
 lint: install

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -12,6 +13,15 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from service.engine.model import default_gguf_path
 from service.settings import Settings
 from tests.models import make_adapter
+
+# `make test` runs the suite in pytest-xdist workers (TEST_WORKERS). Each worker gets its share of the cores, and
+# the servers and workers it starts inherit that share, so two workers do not fight over every core.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+WORKER_INDEX = int(WORKER.removeprefix("gw"))
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +53,13 @@ def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """Tests use their own Redis database (15 unless REDIS_URL says otherwise), flushed per test."""
-    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+    """Tests use their own Redis database, flushed per test: REDIS_URL's (default 15) for the first xdist worker, the
+    one below it for the second, and so on, so that workers never flush each other's data."""
+    base = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
+    database = int(base.path.strip("/") or 0) - WORKER_INDEX
+    if database < 0:
+        pytest.exit(f"test worker {WORKER} has no Redis database left below REDIS_URL's: use fewer TEST_WORKERS")
+    return urlunsplit(base._replace(path=f"/{database}"))
 
 
 @pytest.fixture
