@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ppo served (default)": ("ppo", {}),
     "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}),
     "ppo served, 4 epochs": ("ppo", {"epochs": 4}),
+    "ppo served, lr 2e-3": ("ppo", {"lr": 2e-3}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
     "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
     "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
