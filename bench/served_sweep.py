@@ -12,6 +12,7 @@ all held-out prompts with the same seeds (bench.loop_eval), so each gain is a pa
 """
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +40,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}),
     "ppo served, 4 epochs": ("ppo", {"epochs": 4}),
     "ppo served, lr 2e-3": ("ppo", {"lr": 2e-3}),
+    "ppo served, KL weight at most 2": ("ppo", {"kl_max_weight": 2.0}),
+    "ppo served, lr 2e-3, KL weight at most 2": ("ppo", {"lr": 2e-3, "kl_max_weight": 2.0}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
     "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
     "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
@@ -69,7 +72,8 @@ def run_variant(name: str, data: FeedbackData, ended: dict[str, bool], settings:
         trainer = PPOTrainer(base, tokenizer, None, ppo)
         [stats] = trainer.train(data.prompts, 1, served=served)
         print(f"  {len(served)} served answers: update {stats['time/update_s']:.0f} s, approx KL to pi_old "
-              f"{stats['ppo/policy/approx_kl']:.3f}, clipped {stats['ppo/policy/clipfrac']:.2f}", flush=True)
+              f"{stats['ppo/policy/approx_kl']:.3f}, clipped {stats['ppo/policy/clipfrac']:.2f}, KL term "
+              f"{stats.get('ppo/loss/kl', math.nan):.3f}", flush=True)
         trainer.save_adapter(out)
     else:
         offline = replace(config.offline, algorithm=algorithm, **changes)

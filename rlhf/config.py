@@ -95,6 +95,11 @@ class PPOConfig:
     # joins the loss (GRPO): each token's log-ratio is noise
     # that the reward-to-go sums over the rest of the answer, and without a critic nothing averages it out
     kl_penalty: KLPenalty = "loss"
+    # With kl_penalty "loss": the importance weight pi / pi_old of each token's KL term is truncated here
+    # (ppo_math.kl_k3_weighted_tokens; inf: exact). In one served iteration of the learning benchmark the KL term's
+    # mean was 147 a token (bench/RESULTS.md), where a token at the clip's edge adds 0.019 (1 - r + r log r at
+    # r = 1.2): a few tokens weighted in the thousands, whose gradient is then all of the norm-clipped step.
+    kl_max_weight: float = float("inf")
     adaptive_kl: bool = False
     target_kl: float = 6.0  # nats per answer (lm-human-preferences)
     kl_horizon: int = 10000  # in answers

@@ -340,7 +340,9 @@ class PPOTrainer:
                 )
                 loss = pg_loss
                 if c.kl_penalty == "loss":
-                    kl_tokens = kl_k3_weighted_tokens(logprobs, rollouts.logprobs[rows], rollouts.ref_logprobs[rows])
+                    kl_tokens = kl_k3_weighted_tokens(
+                        logprobs, rollouts.logprobs[rows], rollouts.ref_logprobs[rows], c.kl_max_weight
+                    )
                     kl_loss = masked_mean(kl_tokens, mask)
                     loss = loss + self.kl_ctl.value * kl_loss
                     totals["ppo/loss/kl"].append(kl_loss.item())

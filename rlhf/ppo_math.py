@@ -6,6 +6,8 @@ with PPO" (Huang et al.): per-token KL penalty plus the score at the last token,
 advantages, clipped surrogate and clipped value loss, adaptive KL coefficient.
 """
 
+import math
+
 import torch
 
 
@@ -175,7 +177,7 @@ def kl_k3_tokens(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Te
 
 
 def kl_k3_weighted_tokens(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_weight: float = math.inf
 ) -> torch.Tensor:
     """k3 per token importance-weighted from the policy that sampled the tokens (old_logprobs), as a loss. (B, R)
 
@@ -184,9 +186,17 @@ def kl_k3_weighted_tokens(
     log pi is (pi / pi_old) * (log pi - log pi_ref), the reverse KL's own. Plain k3 is right only on pi's own
     samples: on a token pi has learnt to avoid (a served answer its users voted down) its pi_ref / pi grows like
     e^r and its gradient, 1 - pi_ref / pi, with it; weighted, that token's term tends to pi_ref / pi_old and its
-    gradient to 0. On a fresh sample's first step pi = pi_old and the two agree in value."""
+    gradient to 0. On a fresh sample's first step pi = pi_old and the two agree in value.
+
+    The weight has the opposite flaw on a token pi has come to favour far beyond pi_old (a rare token of an
+    answer voted up, raised by the steps on other answers while the clip held its own term): pi / pi_old of e^9
+    makes one token's gradient, (pi / pi_old) log(pi / pi_ref), thousands of times a whole minibatch's policy
+    gradient, and the norm clip then spends the step on it. max_weight truncates the weight (IMPALA's rho-bar):
+    where pi / pi_old > max_weight the term is scaled by max_weight / (pi / pi_old) as a constant, so its gradient
+    is max_weight * (log pi - log pi_ref). math.inf: the exact weight."""
     ratio = torch.exp(logprobs - old_logprobs)
-    return torch.exp(ref_logprobs - old_logprobs) - ratio - ratio * (ref_logprobs - logprobs)
+    term = torch.exp(ref_logprobs - old_logprobs) - ratio - ratio * (ref_logprobs - logprobs)
+    return term * (max_weight / ratio).clamp(max=1.0).detach()
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,11 @@ class Settings(BaseSettings):
         "advantages.",
     )
     ppo_kl_coef: float = Field(PPOConfig.kl_coef, ge=0, description="Weight of the KL to the base (ppo_kl_penalty).")
+    ppo_kl_max_weight: float = Field(
+        PPOConfig.kl_max_weight, ge=1, description="With ppo_kl_penalty 'loss': the most a token's KL term is "
+        "importance-weighted by pi / pi_old (inf, the default: exactly); a few tokens the policy came to favour "
+        "far beyond the answers' sampler can otherwise take the whole clipped step.",
+    )
     ppo_max_new_tokens: int = Field(
         PPOConfig.max_new_tokens, ge=1, description="Answer length during PPO and evaluation."
     )

@@ -179,6 +179,34 @@ def test_weighted_k3_by_hand():
     close(logprobs.grad, [[2.772589]])
 
 
+def test_weighted_k3_truncates_the_weight_of_a_token_the_policy_has_come_to_favour():
+    """pi / pi_old = e^3 on a token served by the reference itself (pi_old = pi_ref), max_weight 2. Exact: the term
+    is 1 - e^3 + 3 e^3 = 41.171074 and its gradient e^3 * 3 = 60.256611. Truncated: both scaled by 2 / e^3, the
+    term 4.099574 and its gradient 2 * 3 = 6."""
+    old = torch.tensor([[math.log(0.01)]])
+    logprobs = (old + 3.0).requires_grad_()
+    exact = kl_k3_weighted_tokens(logprobs, old, old)
+    close(exact, [[41.171074]])
+    (grad,) = torch.autograd.grad(exact.sum(), logprobs)
+    close(grad, [[60.256611]])
+    term = kl_k3_weighted_tokens(logprobs, old, old, max_weight=2.0)
+    close(term, [[4.099574]])
+    term.sum().backward()
+    close(logprobs.grad, [[6.0]])
+
+
+def test_weighted_k3_is_exact_up_to_the_max_weight():
+    """The hand-computed token above (weight 2) and one the policy avoids (weight 1/2) are untouched by a max of 2."""
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.1)]], requires_grad=True)
+    old, ref = torch.tensor([[math.log(0.25), math.log(0.2)]]), torch.tensor([[math.log(0.125), math.log(0.3)]])
+    exact = kl_k3_weighted_tokens(logprobs, old, ref)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), logprobs)
+    term = kl_k3_weighted_tokens(logprobs, old, ref, max_weight=2.0)
+    term.sum().backward()
+    close(term, exact.tolist())
+    close(logprobs.grad, exact_grad.tolist())
+
+
 def test_weighted_k3_is_plain_k3_on_the_policys_own_samples():
     logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
     ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -0.5]])
