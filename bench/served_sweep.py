@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}),
     "ppo served, 4 epochs": ("ppo", {"epochs": 4}),
     "ppo served, lr 2e-3": ("ppo", {"lr": 2e-3}),
+    "ppo served, 1 epoch": ("ppo", {"epochs": 1}),
+    "ppo served, no KL term": ("ppo", {"kl_coef": 0.0}),
     "ppo served, KL weight at most 2": ("ppo", {"kl_max_weight": 2.0}),
     "ppo served, lr 2e-3, KL weight at most 2": ("ppo", {"lr": 2e-3, "kl_max_weight": 2.0}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
