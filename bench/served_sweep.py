@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ppo served, lr 2e-3": ("ppo", {"lr": 2e-3}),
     "ppo served, 1 epoch": ("ppo", {"epochs": 1}),
     "ppo served, no KL term": ("ppo", {"kl_coef": 0.0}),
+    "ppo served, no clip (cliprange 10)": ("ppo", {"cliprange": 10.0}),
     "ppo served, KL weight at most 2": ("ppo", {"kl_max_weight": 2.0}),
     "ppo served, lr 2e-3, KL weight at most 2": ("ppo", {"lr": 2e-3, "kl_max_weight": 2.0}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
