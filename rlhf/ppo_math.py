@@ -196,6 +196,8 @@ def kl_k3_weighted_tokens(
     is max_weight * (log pi - log pi_ref). math.inf: the exact weight."""
     ratio = torch.exp(logprobs - old_logprobs)
     term = torch.exp(ref_logprobs - old_logprobs) - ratio - ratio * (ref_logprobs - logprobs)
+    if math.isinf(max_weight):
+        return term
     return term * (max_weight / ratio).clamp(max=1.0).detach()
 
 
