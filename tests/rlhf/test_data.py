@@ -1,5 +1,5 @@
 from common.conversations import conversation_id
-from common.records import Pair, Thumb
+from common.records import Origin, Pair, Thumb
 from rlhf.data import build_datasets
 
 PROMPT = [{"role": "user", "content": "hi"}]
@@ -26,8 +26,6 @@ def test_split_by_prompt_never_puts_a_prompt_on_both_sides():
 
 
 def test_served_keeps_the_answers_one_version_served_at_the_trainers_sampling_newest_last():
-    from common.records import Origin
-
     mine = Origin("v2", "stop", 0.7, 1.0)
     items = [
         Pair(PROMPT, "a", "b", created=1, origins=(mine, Origin("v1", "stop", 0.7, 1.0))),  # only "a" is v2's
@@ -48,8 +46,6 @@ def test_served_keeps_the_answers_one_version_served_at_the_trainers_sampling_ne
 def test_served_fills_up_with_other_versions_answers_newest_first():
     """A version just promoted has served few answers: the newest of the other versions' (at the same sampling
     settings) fill the batch, its own always in it."""
-    from common.records import Origin
-
     def thumb(text: str, created: int, adapter: str | None, temperature: float = 0.7) -> Thumb:
         return Thumb(PROMPT, text, True, created=created, origin=Origin(adapter, "stop", temperature, None))
 
@@ -64,8 +60,6 @@ def test_served_fills_up_with_other_versions_answers_newest_first():
 
 def test_served_without_thumbs_keeps_the_answers_of_comparisons_only():
     """A thumb's vote on an answer that was also in a comparison does not count either: the comparison's does."""
-    from common.records import Origin
-
     mine = Origin("v1", "stop", 0.7, 1.0)
     items = [
         Pair(PROMPT, "a", "b", created=1, origins=(mine, mine)),
