@@ -45,6 +45,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ppo served, no clip (cliprange 10)": ("ppo", {"cliprange": 10.0}),
     "ppo served, KL weight at most 2": ("ppo", {"kl_max_weight": 2.0}),
     "ppo served, lr 2e-3, KL weight at most 2": ("ppo", {"lr": 2e-3, "kl_max_weight": 2.0}),
+    # DPO's optimiser steps with PPO's objective: a pair's two answers in one step, 8 pairs a step, one pass, no
+    # ratio clip and no KL term, so that what is left between them is the loss itself
+    "ppo served, DPO's steps": ("ppo", {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1,
+                                        "cliprange": 10.0, "kl_coef": 0.0}),
+    "ppo served, DPO's steps, clip and KL term": ("ppo", {"minibatch_groups": True, "minibatch_size": 16,
+                                                          "epochs": 1}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
     "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
     "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
