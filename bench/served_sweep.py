@@ -56,6 +56,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # beta 0.01: sigmoid(-beta * margin) stays near 1/2, so DPO's step is the plain contrast of the pair's two
     # log-likelihoods (what PPO's loss is on a pair) and nothing else changes
     "dpo, beta 0.01": ("dpo", {"beta": 0.01}),
+    # training seeds (the adapter's initialisation and the minibatch order) other than the service's: how much of a
+    # difference between two variants one training run can show
+    "dpo, training seed 1": ("dpo", {"seed": 1}),
+    "ppo served, training seed 1": ("ppo", {"seed": 1}),
+    "ppo served, DPO's steps, temperature 1, training seed 1": (
+        "ppo", {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1, "cliprange": 10.0, "kl_coef": 0.0,
+                "temperature": 1.0, "seed": 1}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
     "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
     "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
