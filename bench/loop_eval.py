@@ -8,6 +8,7 @@ of answers that end with EOS rather than at the length limit.
 """
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -91,12 +92,16 @@ VARIANT_HEADER = ["variant", "held-out score", "gain over base (paired)", "KL to
 
 def compare_variants(
     base_path: Path, names: list[str], train: Callable[[str, Path], float], prompts: list[str], preference: str,
-    samples: int = 2,
+    samples: int = 2, seeds: dict[str, str] | None = None,
 ) -> str:
     """Train each variant from the base (train(name, out_dir) saves its adapter and returns the seconds it
     took) into a scratch directory, evaluate the base and every adapter on the held-out prompts, and return
     a markdown table: score ± its standard error, gain over the base (the paired difference ± its standard error),
-    KL, length, training time."""
+    KL, length, training time.
+
+    seeds: run name -> the variant it is one training seed of. Then a second table follows with each variant's mean
+    over its seeds: a gain's standard error above counts only the evaluation's sampling noise, and one training
+    run of a variant can differ from another seed's by more than that (bench/RESULTS.md, the served sweep)."""
     with tempfile.TemporaryDirectory(prefix="bench-variants-") as tmp:
         adapters, seconds = {}, {}
         for i, name in enumerate(names):
@@ -107,9 +112,38 @@ def compare_variants(
         results = evaluate_policies(base_path, adapters, prompts, preference, samples)
     base = results["base"]
     rows = [["base", f"{base['score']:.3f} ± {base['score_se']:.3f}", "", "0", f"{base['length']:.1f}", ""]]
+    gains: dict[str, tuple[float, float]] = {}  # run name -> (gain, KL)
     for i, name in enumerate(names):
         r = results[f"v{i}"]
         gain, gain_se = paired_difference(r["scores"], base["scores"])
+        gains[name] = gain, r["kl"]
         rows.append([name, f"{r['score']:.3f} ± {r['score_se']:.3f}", f"{gain:+.3f} ± {gain_se:.3f}",
                      f"{r['kl']:.1f}", f"{r['length']:.1f}", f"{seconds[name]:.0f}"])
-    return "\n".join("| " + " | ".join(row) + " |" for row in [VARIANT_HEADER, ["---"] * len(VARIANT_HEADER), *rows])
+    table = markdown_table(VARIANT_HEADER, rows)
+    return table if not seeds else table + "\n\n" + seed_summary(gains, seeds)
+
+
+SEED_HEADER = ["variant", "training runs", "gain by run", "mean gain ± its standard error", "spread (sd)",
+               "mean KL"]
+
+
+def seed_summary(gains: dict[str, tuple[float, float]], seeds: dict[str, str]) -> str:
+    """Per variant, over its training runs (gains: run name -> (gain, KL); seeds: run name -> variant): the gains,
+    their mean with the standard error of that mean (sd / sqrt(runs), which holds training and evaluation noise
+    alike; "–" for a single run), their standard deviation and the mean KL."""
+    by_variant: dict[str, list[tuple[float, float]]] = {}
+    for run, variant in seeds.items():
+        by_variant.setdefault(variant, []).append(gains[run])
+    rows = []
+    for variant, runs in by_variant.items():
+        g = torch.tensor([gain for gain, _ in runs], dtype=torch.float64)
+        sd = g.std().item() if len(runs) > 1 else math.nan
+        se = "–" if len(runs) < 2 else f"{sd / len(runs) ** 0.5:.3f}"
+        by_run = ", ".join(f"{x:+.3f}" for x in g.tolist())
+        rows.append([variant, str(len(runs)), by_run, f"{g.mean().item():+.3f} ± {se}",
+                     "–" if math.isnan(sd) else f"{sd:.3f}", f"{sum(kl for _, kl in runs) / len(runs):.1f}"])
+    return markdown_table(SEED_HEADER, rows)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])

@@ -56,13 +56,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # beta 0.01: sigmoid(-beta * margin) stays near 1/2, so DPO's step is the plain contrast of the pair's two
     # log-likelihoods (what PPO's loss is on a pair) and nothing else changes
     "dpo, beta 0.01": ("dpo", {"beta": 0.01}),
-    # training seeds (the adapter's initialisation and the minibatch order) other than the service's: how much of a
-    # difference between two variants one training run can show
-    "dpo, training seed 1": ("dpo", {"seed": 1}),
-    "ppo served, training seed 1": ("ppo", {"seed": 1}),
-    "ppo served, DPO's steps, temperature 1, training seed 1": (
-        "ppo", {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1, "cliprange": 10.0, "kl_coef": 0.0,
-                "temperature": 1.0, "seed": 1}),
     "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
     "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
     "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
@@ -81,9 +74,14 @@ def served_answers(data: FeedbackData, ended: dict[str, bool], thumbs: bool = Tr
     return out
 
 
-def run_variant(name: str, data: FeedbackData, ended: dict[str, bool], settings: Settings, out: Path) -> float:
-    """Train one adapter from the base on the votes and save it to out; returns the training seconds."""
+def run_variant(
+    name: str, data: FeedbackData, ended: dict[str, bool], settings: Settings, out: Path, seed: int | None = None
+) -> float:
+    """Train one adapter from the base on the votes and save it to out; returns the training seconds. seed: the
+    training seed (the adapter's initialisation, the minibatch order), if not the service's."""
     algorithm, changes = VARIANTS[name]
+    if seed is not None:
+        changes = changes | {"seed": seed}
     config = config_from_settings(settings)
     base, tokenizer = load_base(resolve_base_model(settings))
     started = time.monotonic()
@@ -109,7 +107,10 @@ def main() -> None:
                         "150 is DPO's window (CHATLOOP_OFFLINE_WINDOW)")
     parser.add_argument("--samples", type=int, default=5, help="answers per held-out prompt and policy")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="draws the training votes")
+    parser.add_argument("--train-seeds", type=int, nargs="+", help="train each variant once per training seed (the "
+                        "adapter's initialisation and the minibatch order) and add a table of each variant's mean "
+                        "over them; default: once, at the service's seed")
     parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,9 +118,13 @@ def main() -> None:
     answers, data = training_votes(args.votes, settings, args.seed)
     ended = {text: stop for _, texts, _, stops in answers for text, stop in zip(texts, stops, strict=True)}
     heldout = load_prompts(split="heldout")
+    runs = {name: (name, None) for name in args.variants}
+    if args.train_seeds:
+        runs = {f"{name}, training seed {k}": (name, k) for name in args.variants for k in args.train_seeds}
     table = compare_variants(
-        resolve_base_model(settings), args.variants,
-        lambda name, out: run_variant(name, data, ended, settings, out), heldout, "vader", args.samples,
+        resolve_base_model(settings), list(runs),
+        lambda run, out: run_variant(runs[run][0], data, ended, settings, out, runs[run][1]), heldout, "vader",
+        args.samples, {run: name for run, (name, _) in runs.items()} if args.train_seeds else None,
     )
     print(table)
     if args.write:
