@@ -119,7 +119,9 @@ class PPOConfig:
     # simulated users (bench/RESULTS.md, "PPO's served iteration against DPO on the same votes") the served
     # iteration gained +0.084 ± 0.019 at 1.3 nats on comparisons alone and +0.009 ± 0.021 at 1.8 with thumbs: a
     # thumb says whether an answer is good in itself, which its prompt mostly decides, and has no sibling to be
-    # baselined on; a comparison says which of two answers to one prompt is better.
+    # baselined on; a comparison says which of two answers to one prompt is better. Those are single training runs:
+    # over five training seeds on other votes the comparisons-only step ranged from -0.021 to +0.036 (bench/RESULTS.md,
+    # "PPO's served step against DPO over training seeds").
     served_thumbs: bool = False
     # Fresh samples are scored by the reward model, so they are worth their cost only when it orders held-out pairs
     # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a
