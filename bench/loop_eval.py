@@ -8,11 +8,11 @@ of answers that end with EOS rather than at the length limit.
 """
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import fmean, stdev
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -136,12 +136,11 @@ def seed_summary(gains: dict[str, tuple[float, float]], seeds: dict[str, str]) -
         by_variant.setdefault(variant, []).append(gains[run])
     rows = []
     for variant, runs in by_variant.items():
-        g = torch.tensor([gain for gain, _ in runs], dtype=torch.float64)
-        sd = g.std().item() if len(runs) > 1 else math.nan
-        se = "–" if len(runs) < 2 else f"{sd / len(runs) ** 0.5:.3f}"
-        by_run = ", ".join(f"{x:+.3f}" for x in g.tolist())
-        rows.append([variant, str(len(runs)), by_run, f"{g.mean().item():+.3f} ± {se}",
-                     "–" if math.isnan(sd) else f"{sd:.3f}", f"{sum(kl for _, kl in runs) / len(runs):.1f}"])
+        g = [gain for gain, _ in runs]
+        sd = stdev(g) if len(g) > 1 else None
+        rows.append([variant, str(len(g)), ", ".join(f"{x:+.3f}" for x in g),
+                     f"{fmean(g):+.3f} ± " + ("–" if sd is None else f"{sd / len(g) ** 0.5:.3f}"),
+                     "–" if sd is None else f"{sd:.3f}", f"{fmean(kl for _, kl in runs):.1f}"])
     return markdown_table(SEED_HEADER, rows)
 
 

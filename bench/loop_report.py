@@ -16,7 +16,7 @@ from pathlib import Path
 from statistics import fmean
 
 from bench.loop import DEFAULT_RUNS, parse_run, run_name
-from bench.loop_eval import paired_difference
+from bench.loop_eval import markdown_table, paired_difference
 from bench.loop_plots import plot_learning_curve, plot_reward_curve
 from bench.serve import write_results
 
@@ -101,10 +101,6 @@ def seed_summaries(results: list[dict]) -> list[SeedSummary]:
     return out
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
-
-
 def _minute(t: float | None) -> str:
     return "–" if t is None else f"{t / 60:.1f}"
 
@@ -137,8 +133,9 @@ def run_table(results: list[dict]) -> str:
             f"{base['length']:.1f} → {last['length']:.1f}", f"{base['eos']:.2f} → {last['eos']:.2f}",
             str(f.regressions),
         ])
-    return _table(["run", "promoted", "minute of last", "held-out score (base → last)", "last − base (paired)",
-                   "KL (nats)", "length (base → last)", "EOS (base → last)", "promoted regressions"], rows)
+    return markdown_table(["run", "promoted", "minute of last", "held-out score (base → last)",
+                           "last − base (paired)", "KL (nats)", "length (base → last)", "EOS (base → last)",
+                           "promoted regressions"], rows)
 
 
 def _ab(ab: dict | None) -> str:
@@ -160,15 +157,16 @@ def version_table(results: list[dict]) -> str:
             rows.append([r["name"], version, _minute(p.get("t")), "–" if p.get("events") is None else str(p["events"]),
                          _score(p), vs, f"{p['kl']:.2f}", f"{p['length']:.1f}", f"{p['eos']:.2f}",
                          _ab(run.get("ab")), _heldout_votes(run.get("reward_metrics"))])
-    return _table(["run", "version", "minute", "feedback events", "held-out score", "vs predecessor (paired)",
-                   "KL (nats)", "length", "EOS", "A/B votes, win rate [95 %]", "RM held-out votes acc [95 %]"], rows)
+    return markdown_table(["run", "version", "minute", "feedback events", "held-out score",
+                           "vs predecessor (paired)", "KL (nats)", "length", "EOS", "A/B votes, win rate [95 %]",
+                           "RM held-out votes acc [95 %]"], rows)
 
 
 def seed_table(summaries: list[SeedSummary]) -> str:
     rows = [[s.algorithm, s.preference, ", ".join(map(str, s.seeds)), f"{s.gain:+.3f}",
              f"{s.low:+.3f} to {s.high:+.3f}", f"{s.kl:.2f}", str(s.regressions)] for s in summaries]
-    return _table(["algorithm", "preference", "seeds", "final gain, mean", "spread (min to max)", "mean KL (nats)",
-                   "promoted regressions"], rows)
+    return markdown_table(["algorithm", "preference", "seeds", "final gain, mean", "spread (min to max)",
+                           "mean KL (nats)", "promoted regressions"], rows)
 
 
 def _best_of(judged: dict, n: int) -> str:
@@ -185,9 +183,9 @@ def reward_table(results: list[dict]) -> str:
             pair = f"{_interval(a['accuracy'], a['low'], a['high'])} ({a['pairs']} pairs)" if a["pairs"] else "no pairs"
             rows.append([r["name"], m["run_id"], _minute(m["t"]), f"{m['votes']:,}", pair, _best_of(m, 4),
                          _best_of(m, 16), _heldout_votes(metrics.get(m["run_id"]))])
-    return _table(["run", "RM of run", "minute", "votes", "accuracy, pairs > 0.2 apart [95 %]",
-                   "best-of-4: RM / preference (captured)", "best-of-16: RM / preference (captured)",
-                   "held-out votes acc [95 %]"], rows)
+    return markdown_table(["run", "RM of run", "minute", "votes", "accuracy, pairs > 0.2 apart [95 %]",
+                           "best-of-4: RM / preference (captured)", "best-of-16: RM / preference (captured)",
+                           "held-out votes acc [95 %]"], rows)
 
 
 @dataclass
@@ -318,7 +316,7 @@ def targets(results: list[dict]) -> list[Target]:
 
 
 def target_table(rows: list[Target]) -> str:
-    return _table(["target (issue 14)", "measured", "status"], [[t.name, t.measured, t.status] for t in rows])
+    return markdown_table(["target (issue 14)", "measured", "status"], [[t.name, t.measured, t.status] for t in rows])
 
 
 def headline(results: list[dict]) -> str:

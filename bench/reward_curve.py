@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.loop_eval import markdown_table
 from bench.preferences import load_prompts
 from bench.reward_eval import AnswerSet, base_answers, report, reward_scores
 from bench.serve import git_label, write_results
@@ -106,7 +107,7 @@ def main() -> None:
             print(" | ".join(rows[-1]), flush=True)
     header = ["variant", "votes", "pairs / thumbs", f"accuracy, pairs > 0.2 apart ({acc['pairs']} pairs)",
               "best of 4: RM / VADER (captured)", "best of 16: RM / VADER (captured)", "train s"]
-    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+    table = markdown_table(header, rows)
     print(table)
     if args.write:
         machine = (f"{args.threads} torch threads; base answers at T 0.7, 64 tokens: {args.train_answers} per train "

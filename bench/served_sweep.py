@@ -33,6 +33,10 @@ from service.engine.model import resolve_base_model
 from service.settings import Settings
 from workers.config import config_from_settings
 
+# DPO's optimiser steps with PPO's objective: a pair's two answers in one step, 8 pairs a step, one pass, no ratio
+# clip and no KL term, so that what is left between them is the loss itself
+ONE_GROUPED_PASS = {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1}
+DPO_STEPS = ONE_GROUPED_PASS | {"cliprange": 10.0, "kl_coef": 0.0}
 # name: (algorithm, changes to the service's settings for it)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "dpo (default)": ("dpo", {}),
@@ -45,14 +49,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ppo served, no clip (cliprange 10)": ("ppo", {"cliprange": 10.0}),
     "ppo served, KL weight at most 2": ("ppo", {"kl_max_weight": 2.0}),
     "ppo served, lr 2e-3, KL weight at most 2": ("ppo", {"lr": 2e-3, "kl_max_weight": 2.0}),
-    # DPO's optimiser steps with PPO's objective: a pair's two answers in one step, 8 pairs a step, one pass, no
-    # ratio clip and no KL term, so that what is left between them is the loss itself
-    "ppo served, DPO's steps": ("ppo", {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1,
-                                        "cliprange": 10.0, "kl_coef": 0.0}),
-    "ppo served, DPO's steps, clip and KL term": ("ppo", {"minibatch_groups": True, "minibatch_size": 16,
-                                                          "epochs": 1}),
-    "ppo served, DPO's steps, temperature 1": ("ppo", {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1,
-                                                       "cliprange": 10.0, "kl_coef": 0.0, "temperature": 1.0}),
+    "ppo served, DPO's steps": ("ppo", DPO_STEPS),
+    "ppo served, DPO's steps, clip and KL term": ("ppo", ONE_GROUPED_PASS),
+    "ppo served, DPO's steps, temperature 1": ("ppo", DPO_STEPS | {"temperature": 1.0}),
     # beta 0.01: sigmoid(-beta * margin) stays near 1/2, so DPO's step is the plain contrast of the pair's two
     # log-likelihoods (what PPO's loss is on a pair) and nothing else changes
     "dpo, beta 0.01": ("dpo", {"beta": 0.01}),
