@@ -13,6 +13,7 @@ from typing import Literal
 Precision = Literal["auto", "bf16", "fp32"]
 Algorithm = Literal["ppo", "dpo", "kto"]
 KLPenalty = Literal["reward", "loss"]
+ServedStep = Literal["clipped", "contrast"]
 RewardPooling = Literal["mean", "last", "mean+last"]
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -123,6 +124,13 @@ class PPOConfig:
     # over five training seeds on other votes the comparisons-only step ranged from -0.021 to +0.036 (bench/RESULTS.md,
     # "PPO's served step against DPO over training seeds").
     served_thumbs: bool = False
+    # How the served iteration steps (rlhf.ppo.step_shape). "clipped": as a fresh one does (minibatch_size answers
+    # a step, epochs passes, the clip and the KL term). "contrast": DPO's shape, minibatch_size comparisons a step
+    # (a conversation's answers together), one pass, no clip and no KL term: the gate's KL check bounds it. Over
+    # training seeds on the served sweep's two draws of votes, "clipped" gained +0.013 and +0.004 and this shape
+    # +0.110 and -0.028, DPO +0.115 and +0.037 (bench/RESULTS.md, "PPO's served step against DPO over training
+    # seeds").
+    served_step: ServedStep = "clipped"
     # Fresh samples are scored by the reward model, so they are worth their cost only when it orders held-out pairs
     # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a
     # 95 % lower bound at or below this trains on those answers alone (0: always sample fresh too).

@@ -60,6 +60,28 @@ from rlhf.ppo_math import (
 RewardFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """How an iteration trains on its batch: answers a gradient step, whether a group's answers share a step,
+    passes over the batch, the clip of pi / pi_old and the weight of the KL to the reference."""
+
+    minibatch_size: int
+    groups_together: bool
+    epochs: int
+    cliprange: float
+    kl_coef: float
+
+
+def step_shape(config: PPOConfig, kl_coef: float, served: bool = False) -> StepShape:
+    """A fresh iteration's shape (and the served one's with served_step "clipped"): the config's own. The served
+    iteration with served_step "contrast" takes DPO's: minibatch_size comparisons (a conversation's answers) a step,
+    one pass, no clip and no KL term, so each step contrasts the log-likelihoods of the answers voted up with
+    those voted down and nothing pulls it back; the gate's KL check bounds how far that goes."""
+    if served and config.served_step == "contrast":
+        return StepShape(2 * config.minibatch_size, True, 1, float("inf"), 0.0)
+    return StepShape(config.minibatch_size, config.minibatch_groups, config.epochs, config.cliprange, kl_coef)
+
+
 @dataclass
 class Rollouts:
     prompts: list[Messages]
@@ -199,7 +221,7 @@ class PPOTrainer:
             return {"objective/kl": kl, "ppo/over_max_kl": 1.0, "ppo/batch": float(len(prompts)),
                     "time/generate_s": generated - start, "time/forward_s": rollouts.seconds, "time/score_s": 0.0,
                     "time/update_s": 0.0, "time/rollout_s": time.perf_counter() - start}
-        stats = self.update(rollouts, groups, self.config.minibatch_size)
+        stats = self.update(rollouts, groups, step_shape(self.config, self.kl_ctl.value))
         stats["time/generate_s"] = generated - start
         stats["time/rollout_s"] += generated - start
         return stats
@@ -219,7 +241,8 @@ class PPOTrainer:
         keys = {conversation_id(p): i for i, p in enumerate(prompts)}
         groups = torch.tensor([keys[conversation_id(p)] for p in prompts], device=self.device)
         votes = torch.tensor([s.vote for s in served], device=self.device)
-        stats = self.update(self.recompute(prompts, answer_ids, batch), groups, self.config.minibatch_size, votes)
+        shape = step_shape(self.config, self.kl_ctl.value, served=True)
+        stats = self.update(self.recompute(prompts, answer_ids, batch), groups, shape, votes)
         on_policy = float(sum(s.on_policy for s in served))
         return stats | {"time/generate_s": 0.0, "ppo/served": float(len(served)), "ppo/served_on_policy": on_policy}
 
@@ -228,7 +251,7 @@ class PPOTrainer:
         return answer_ids(self.tokenizer, served.text, served.ended, self.config.max_new_tokens)
 
     def update(
-        self, rollouts: Rollouts, groups: torch.Tensor | None, minibatch_size: int, scores: torch.Tensor | None = None
+        self, rollouts: Rollouts, groups: torch.Tensor | None, shape: StepShape, scores: torch.Tensor | None = None
     ) -> dict[str, float]:
         """Score the rollouts (unless their scores are given), baseline each score on its group's other answers
         (groups: a group id per answer; None: no baseline, the critic's job), and train on them."""
@@ -238,7 +261,7 @@ class PPOTrainer:
         scored = time.perf_counter()
         mask = rollouts.batch.response_mask
         baselined = scores if groups is None else leave_one_out_groups(scores, groups)
-        reward_kl_coef = self.kl_ctl.value if c.kl_penalty == "reward" else 0.0
+        reward_kl_coef = shape.kl_coef if c.kl_penalty == "reward" else 0.0
         rewards, kl = compute_rewards(baselined, rollouts.logprobs, rollouts.ref_logprobs, mask, reward_kl_coef)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
@@ -246,9 +269,7 @@ class PPOTrainer:
         advantages, returns = gae(rewards, rollouts.values, mask, c.gamma, c.lam if c.critic else 1.0)
         advantages = whiten(advantages, mask)
         advantaged = time.perf_counter()
-        stats = self.train_minibatches(
-            rollouts, advantages, returns, minibatch_size, groups if c.minibatch_groups else None
-        )
+        stats = self.train_minibatches(rollouts, advantages, returns, shape, groups if shape.groups_together else None)
         update_s = time.perf_counter() - advantaged
 
         mean_kl = kl.sum(-1).mean().item()
@@ -258,7 +279,7 @@ class PPOTrainer:
             "objective/raw_score": raw_scores.mean().item(),
             "objective/kl": mean_kl,
             "objective/kl_k3": kl_k3(rollouts.logprobs, rollouts.ref_logprobs, mask).mean().item(),
-            "objective/kl_coef": self.kl_ctl.value,
+            "objective/kl_coef": shape.kl_coef,
             "objective/entropy": (rollouts.entropy * mask).sum(-1).mean().item(),  # nats per answer
             "ppo/mean_length": lengths.mean().item(),
             "ppo/eos_fraction": rollouts.has_eos.float().mean().item(),
@@ -322,29 +343,29 @@ class PPOTrainer:
         return raw, torch.where(rollouts.has_eos, raw, torch.full_like(raw, self.config.missing_eos_penalty))
 
     def train_minibatches(
-        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor, minibatch_size: int,
+        self, rollouts: Rollouts, advantages: torch.Tensor, returns: torch.Tensor, shape: StepShape,
         groups: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """`epochs` passes over the rollout batch in shuffled minibatches (with groups: a group's answers in one
-        minibatch, ppo_math.minibatches); the mean of each loss term."""
+        """shape.epochs passes over the rollout batch in shuffled minibatches (with groups: a group's answers in
+        one minibatch, ppo_math.minibatches); the mean of each loss term. No KL term when shape.kl_coef is 0."""
         c = self.config
         totals = defaultdict(list)
-        for _ in range(c.epochs):
-            for rows in minibatches(len(rollouts.prompts), minibatch_size, groups):
+        for _ in range(shape.epochs):
+            for rows in minibatches(len(rollouts.prompts), shape.minibatch_size, groups):
                 rows = rows.to(self.device)
                 batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
                 logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
                 logprobs = token_logprobs(logits, batch.responses)  # (b, R)
                 pg_loss, clipfrac, approx_kl = policy_loss(
-                    logprobs, rollouts.logprobs[rows], advantages[rows], mask, c.cliprange
+                    logprobs, rollouts.logprobs[rows], advantages[rows], mask, shape.cliprange
                 )
                 loss = pg_loss
-                if c.kl_penalty == "loss":
+                if c.kl_penalty == "loss" and shape.kl_coef:
                     kl_tokens = kl_k3_weighted_tokens(
                         logprobs, rollouts.logprobs[rows], rollouts.ref_logprobs[rows], c.kl_max_weight
                     )
                     kl_loss = masked_mean(kl_tokens, mask)
-                    loss = loss + self.kl_ctl.value * kl_loss
+                    loss = loss + shape.kl_coef * kl_loss
                     totals["ppo/loss/kl"].append(kl_loss.item())
                 if values is not None:
                     v_loss, vf_clipfrac = value_loss(

@@ -20,6 +20,7 @@ from rlhf.config import (
     Precision,
     RewardConfig,
     RewardPooling,
+    ServedStep,
 )
 
 
@@ -215,6 +216,11 @@ class Settings(BaseSettings):
     ppo_served_thumbs: bool = Field(
         PPOConfig.served_thumbs, description="Thumbed answers join PPO's served batch (else only both answers of "
         "each comparison, which measured several times the gain per nat)."
+    )
+    ppo_served_step: ServedStep = Field(
+        PPOConfig.served_step, description="How PPO steps on served answers: 'clipped' as on fresh ones (minibatch "
+        "size, epochs, clip, KL term), or 'contrast' in DPO's shape (ppo_minibatch_size comparisons a step, one pass, "
+        "no clip, no KL term; the gate's KL check bounds it).",
     )
     ppo_min_reward_accuracy: float = Field(
         PPOConfig.min_reward_accuracy, ge=0, le=1, description="With served answers to train on, a run samples fresh "

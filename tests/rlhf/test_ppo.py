@@ -276,3 +276,39 @@ def test_recomputing_in_chunks_gives_the_numbers_of_one_pass(tiny_base):
     for name in ("logprobs", "ref_logprobs", "values", "entropy"):
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
     assert whole.logprobs.shape == (12, batch.response_mask.shape[1])
+
+
+def test_step_shape_contrast_takes_dpos_shape_on_served_answers_only():
+    """served_step "contrast": minibatch_size comparisons (2x answers) a step, groups together, one pass, no clip, no
+    KL term, for the served iteration; fresh iterations and "clipped" keep the config's own shape."""
+    from rlhf.ppo import StepShape, step_shape
+
+    config = tiny_config(minibatch_size=8, epochs=2, cliprange=0.2, served_step="contrast")
+    assert step_shape(config, 0.05, served=True) == StepShape(16, True, 1, float("inf"), 0.0)
+    assert step_shape(config, 0.05) == StepShape(8, False, 2, 0.2, 0.05)
+    clipped = tiny_config(minibatch_size=8, epochs=2, cliprange=0.2, served_step="clipped")
+    assert step_shape(clipped, 0.05, served=True) == StepShape(8, False, 2, 0.2, 0.05)
+
+
+def test_contrast_served_step_takes_one_pass_of_whole_conversations(tiny_base, monkeypatch):
+    """The contrast step on 12 served answers to 6 conversations, minibatch_size 2 (comparisons): 3 steps of 2 whole
+    conversations each, once; no clip (clipfrac 0) and no KL term in the loss, however far the step moves."""
+    import rlhf.ppo
+
+    base, tokenizer = tiny_base
+    config = tiny_config(minibatch_size=2, epochs=4, lr=5e-2, served_step="contrast", minibatch_groups=False)
+    trainer = PPOTrainer(base, tokenizer, None, config)
+    served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+    steps = []
+
+    def spy(n, size, groups=None):
+        batches = rlhf.ppo_math.minibatches(n, size, groups)
+        steps.extend(sorted(i % 6 for i in batch.tolist()) for batch in batches)
+        return batches
+
+    monkeypatch.setattr(rlhf.ppo, "minibatches", spy)
+    torch.manual_seed(0)
+    stats = trainer.train(PROMPTS, 1, served=served)[0]
+    assert len(steps) == 3 and all(len(s) == 4 and s[0] == s[1] and s[2] == s[3] for s in steps)
+    assert sorted(i for s in steps for i in s[::2]) == list(range(6))  # every conversation once
+    assert stats["ppo/policy/clipfrac"] == 0.0 and "ppo/loss/kl" not in stats and stats["objective/kl_coef"] == 0.0
