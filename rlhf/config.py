@@ -74,7 +74,9 @@ class PPOConfig:
     # 1e-3, 3.6 and 4.9 nats, and the second was the first candidate its users leaned toward (0.573 of 164 votes).
     lr: float = 1e-3
     # Nats per answer to the reference on the policy's own samples (the gate's measure, GateConfig.max_kl): a fresh
-    # batch that measures more is not trained on and the run stops there (0: never). Fresh iterations spent 7.2 and
+    # batch that measures more is not trained on and the run stops there (0: never). The served iteration with
+    # served_step "contrast" stops at the same distance from its starting policy, measured on the served answers it
+    # has not yet trained on (rlhf.ppo.step_shape). Fresh iterations spent 7.2 and
     # 9.1 nats in two learning-benchmark runs (bench/RESULTS.md) and 18.7 in one at lr 2e-3, the gate refusing it.
     max_kl: float = 6.0
     max_new_tokens: int = 64
@@ -126,7 +128,8 @@ class PPOConfig:
     served_thumbs: bool = False
     # How the served iteration steps (rlhf.ppo.step_shape). "clipped": as a fresh one does (minibatch_size answers
     # a step, epochs passes, the clip and the KL term). "contrast": DPO's shape, minibatch_size comparisons a step
-    # (a conversation's answers together), one pass, no clip and no KL term: the gate's KL check bounds it. Over
+    # (a conversation's answers together), one pass, no clip and no KL term, stopping at max_kl nats from the
+    # starting policy. Over
     # training seeds on the served sweep's two draws of votes, "clipped" gained +0.013 and +0.004 and this shape
     # +0.110 and -0.028, DPO +0.115 and +0.037 (bench/RESULTS.md, "PPO's served step against DPO over training
     # seeds").

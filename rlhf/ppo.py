@@ -63,22 +63,26 @@ RewardFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor]
 @dataclass(frozen=True)
 class StepShape:
     """How an iteration trains on its batch: answers a gradient step, whether a group's answers share a step,
-    passes over the batch, the clip of pi / pi_old and the weight of the KL to the reference."""
+    passes over the batch, the clip of pi / pi_old, the weight of the KL to the reference, and where the pass stops:
+    before a minibatch whose answers measure more than max_kl nats per answer from the policy that started the
+    iteration (k3 estimate of KL(pi_old || pi) on them, before they are trained on; inf: never)."""
 
     minibatch_size: int
     groups_together: bool
     epochs: int
     cliprange: float
     kl_coef: float
+    max_kl: float = float("inf")
 
 
 def step_shape(config: PPOConfig, kl_coef: float, served: bool = False) -> StepShape:
     """A fresh iteration's shape (and the served one's with served_step "clipped"): the config's own. The served
     iteration with served_step "contrast" takes DPO's: minibatch_size comparisons (a conversation's answers) a step,
     one pass, no clip and no KL term, so each step contrasts the log-likelihoods of the answers voted up with
-    those voted down and nothing pulls it back; the gate's KL check bounds how far that goes."""
+    those voted down and nothing pulls it back within a step; the pass stops once the answers it has not yet
+    trained on measure config.max_kl nats from the starting policy (served answers are its samples)."""
     if served and config.served_step == "contrast":
-        return StepShape(2 * config.minibatch_size, True, 1, float("inf"), 0.0)
+        return StepShape(2 * config.minibatch_size, True, 1, float("inf"), 0.0, config.max_kl or float("inf"))
     return StepShape(config.minibatch_size, config.minibatch_groups, config.epochs, config.cliprange, kl_coef)
 
 
@@ -347,7 +351,8 @@ class PPOTrainer:
         groups: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """shape.epochs passes over the rollout batch in shuffled minibatches (with groups: a group's answers in
-        one minibatch, ppo_math.minibatches); the mean of each loss term. No KL term when shape.kl_coef is 0."""
+        one minibatch, ppo_math.minibatches), stopping at shape.max_kl; the mean of each loss term, and the steps
+        taken. No KL term when shape.kl_coef is 0."""
         c = self.config
         totals = defaultdict(list)
         for _ in range(shape.epochs):
@@ -356,6 +361,12 @@ class PPOTrainer:
                 batch, mask = rollouts.batch.select(rows), rollouts.batch.response_mask[rows]
                 logits, values = forward_answers(self.policy, batch, c.temperature, self.value_head, c.precision)
                 logprobs = token_logprobs(logits, batch.responses)  # (b, R)
+                if shape.max_kl < float("inf"):
+                    moved = kl_k3(rollouts.logprobs[rows], logprobs.detach(), mask).mean().item()
+                    totals["ppo/step_kl"].append(moved)
+                    if moved > shape.max_kl:
+                        totals["ppo/stopped_early"].append(1.0)
+                        break
                 pg_loss, clipfrac, approx_kl = policy_loss(
                     logprobs, rollouts.logprobs[rows], advantages[rows], mask, shape.cliprange
                 )
@@ -384,7 +395,12 @@ class PPOTrainer:
                     ("ppo/policy/clipfrac", clipfrac),
                 ):
                     totals[name].append(value.item())
-        return {name: sum(values) / len(values) for name, values in totals.items()}
+            if "ppo/stopped_early" in totals:  # no further pass either
+                break
+        stats = {name: sum(values) / len(values) for name, values in totals.items()}
+        if "ppo/step_kl" in totals:  # how far the pass went: the last measure, not the mean
+            stats["ppo/step_kl"] = totals["ppo/step_kl"][-1]
+        return stats | {"ppo/steps": float(len(totals["ppo/loss/policy"]))}
 
     def save_adapter(self, out_dir: Path) -> Path:
         return save_adapter(self.policy, out_dir)

@@ -1,6 +1,7 @@
 """PPO on the tiny random Llama: it learns a synthetic reward, the reference is the bare base, adapters round-trip."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -283,9 +284,10 @@ def test_step_shape_contrast_takes_dpos_shape_on_served_answers_only():
     KL term, for the served iteration; fresh iterations and "clipped" keep the config's own shape."""
     from rlhf.ppo import StepShape, step_shape
 
-    config = tiny_config(minibatch_size=8, epochs=2, cliprange=0.2, served_step="contrast")
-    assert step_shape(config, 0.05, served=True) == StepShape(16, True, 1, float("inf"), 0.0)
-    assert step_shape(config, 0.05) == StepShape(8, False, 2, 0.2, 0.05)
+    config = tiny_config(minibatch_size=8, epochs=2, cliprange=0.2, served_step="contrast", max_kl=6.0)
+    assert step_shape(config, 0.05, served=True) == StepShape(16, True, 1, float("inf"), 0.0, 6.0)
+    assert step_shape(config, 0.05) == StepShape(8, False, 2, 0.2, 0.05)  # fresh: max_kl is checked on samples
+    assert step_shape(replace(config, max_kl=0), 0.05, served=True).max_kl == float("inf")  # 0: never
     clipped = tiny_config(minibatch_size=8, epochs=2, cliprange=0.2, served_step="clipped")
     assert step_shape(clipped, 0.05, served=True) == StepShape(8, False, 2, 0.2, 0.05)
 
@@ -296,7 +298,7 @@ def test_contrast_served_step_takes_one_pass_of_whole_conversations(tiny_base, m
     import rlhf.ppo
 
     base, tokenizer = tiny_base
-    config = tiny_config(minibatch_size=2, epochs=4, lr=5e-2, served_step="contrast", minibatch_groups=False)
+    config = tiny_config(minibatch_size=2, epochs=4, lr=5e-2, served_step="contrast", minibatch_groups=False, max_kl=0)
     trainer = PPOTrainer(base, tokenizer, None, config)
     served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
     steps = []
@@ -312,3 +314,19 @@ def test_contrast_served_step_takes_one_pass_of_whole_conversations(tiny_base, m
     assert len(steps) == 3 and all(len(s) == 4 and s[0] == s[1] and s[2] == s[3] for s in steps)
     assert sorted(i for s in steps for i in s[::2]) == list(range(6))  # every conversation once
     assert stats["ppo/policy/clipfrac"] == 0.0 and "ppo/loss/kl" not in stats and stats["objective/kl_coef"] == 0.0
+    assert stats["ppo/steps"] == 3 and "ppo/stopped_early" not in stats
+
+
+@pytest.mark.parametrize("max_kl, steps", [(1e-3, 1), (1e6, 3)])
+def test_contrast_served_step_stops_once_unseen_answers_measure_max_kl(tiny_base, max_kl, steps):
+    """The first minibatch measures ~0 nats from the starting policy and is trained on; after a step at lr 5e-2 the
+    next one measures more than 1e-3 nats, so the pass stops there; a budget it never reaches takes all 3 steps."""
+    base, tokenizer = tiny_base
+    config = tiny_config(minibatch_size=2, lr=5e-2, served_step="contrast", max_kl=max_kl)
+    trainer = PPOTrainer(base, tokenizer, None, config)
+    served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+    torch.manual_seed(0)
+    stats = trainer.train(PROMPTS, 1, served=served)[0]
+    assert stats["ppo/steps"] == steps
+    assert (stats.get("ppo/stopped_early") == 1.0) == (steps == 1)
+    assert (stats["ppo/step_kl"] > max_kl) == (steps == 1)
