@@ -33,33 +33,39 @@ from service.engine.model import resolve_base_model
 from service.settings import Settings
 from workers.config import config_from_settings
 
-# DPO's optimiser steps with PPO's objective: a pair's two answers in one step, 8 pairs a step, one pass, no ratio
-# clip and no KL term, so that what is left between them is the loss itself
-ONE_GROUPED_PASS = {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1}
+# The clipped served step (PPO's step on a fresh batch, the default before "contrast") and what was tried on it
+CLIPPED = {"served_step": "clipped"}
+# DPO's optimiser steps with PPO's objective, taken by the clipped step's knobs: a pair's two answers in one step,
+# 8 pairs a step, one pass, no ratio clip and no KL term, so that what is left between them is the loss itself
+# (served_step "contrast" is this shape, with a stop at max_kl)
+ONE_GROUPED_PASS = CLIPPED | {"minibatch_groups": True, "minibatch_size": 16, "epochs": 1}
 DPO_STEPS = ONE_GROUPED_PASS | {"cliprange": 10.0, "kl_coef": 0.0}
 # name: (algorithm, changes to the service's settings for it)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "dpo (default)": ("dpo", {}),
     "ppo served (default)": ("ppo", {}),
-    "ppo served, groups in one minibatch": ("ppo", {"minibatch_groups": True}),
-    "ppo served, 4 epochs": ("ppo", {"epochs": 4}),
-    "ppo served, lr 2e-3": ("ppo", {"lr": 2e-3}),
-    "ppo served, 1 epoch": ("ppo", {"epochs": 1}),
-    "ppo served, no KL term": ("ppo", {"kl_coef": 0.0}),
-    "ppo served, no clip (cliprange 10)": ("ppo", {"cliprange": 10.0}),
-    "ppo served, KL weight at most 2": ("ppo", {"kl_max_weight": 2.0}),
-    "ppo served, lr 2e-3, KL weight at most 2": ("ppo", {"lr": 2e-3, "kl_max_weight": 2.0}),
+    "ppo served, contrast without its stop": ("ppo", {"max_kl": 0.0}),
+    "ppo served, clipped": ("ppo", CLIPPED),
+    "ppo served, groups in one minibatch": ("ppo", CLIPPED | {"minibatch_groups": True}),
+    "ppo served, 4 epochs": ("ppo", CLIPPED | {"epochs": 4}),
+    "ppo served, lr 2e-3": ("ppo", CLIPPED | {"lr": 2e-3}),
+    "ppo served, 1 epoch": ("ppo", CLIPPED | {"epochs": 1}),
+    "ppo served, no KL term": ("ppo", CLIPPED | {"kl_coef": 0.0}),
+    "ppo served, no clip (cliprange 10)": ("ppo", CLIPPED | {"cliprange": 10.0}),
+    "ppo served, KL weight at most 2": ("ppo", CLIPPED | {"kl_max_weight": 2.0}),
+    "ppo served, lr 2e-3, KL weight at most 2": ("ppo", CLIPPED | {"lr": 2e-3, "kl_max_weight": 2.0}),
     "ppo served, DPO's steps": ("ppo", DPO_STEPS),
     "ppo served, DPO's steps, clip and KL term": ("ppo", ONE_GROUPED_PASS),
     "ppo served, DPO's steps, temperature 1": ("ppo", DPO_STEPS | {"temperature": 1.0}),
     # beta 0.01: sigmoid(-beta * margin) stays near 1/2, so DPO's step is the plain contrast of the pair's two
     # log-likelihoods (what PPO's loss is on a pair) and nothing else changes
     "dpo, beta 0.01": ("dpo", {"beta": 0.01}),
-    "ppo served, thumbs too": ("ppo", {"served_thumbs": True}),
-    "ppo served, thumbs too, groups in one minibatch": ("ppo", {"served_thumbs": True, "minibatch_groups": True}),
-    "ppo served, thumbs too, 4 epochs": ("ppo", {"served_thumbs": True, "epochs": 4}),
-    "ppo served, thumbs too, groups, 4 epochs": ("ppo", {"served_thumbs": True, "minibatch_groups": True,
-                                                         "epochs": 4}),
+    "ppo served, thumbs too": ("ppo", CLIPPED | {"served_thumbs": True}),
+    "ppo served, thumbs too, groups in one minibatch": ("ppo", CLIPPED | {"served_thumbs": True,
+                                                                          "minibatch_groups": True}),
+    "ppo served, thumbs too, 4 epochs": ("ppo", CLIPPED | {"served_thumbs": True, "epochs": 4}),
+    "ppo served, thumbs too, groups, 4 epochs": ("ppo", CLIPPED | {"served_thumbs": True, "minibatch_groups": True,
+                                                                   "epochs": 4}),
 }
 
 

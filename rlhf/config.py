@@ -126,14 +126,14 @@ class PPOConfig:
     # over five training seeds on other votes the comparisons-only step ranged from -0.021 to +0.036 (bench/RESULTS.md,
     # "PPO's served step against DPO over training seeds").
     served_thumbs: bool = False
-    # How the served iteration steps (rlhf.ppo.step_shape). "clipped": as a fresh one does (minibatch_size answers
-    # a step, epochs passes, the clip and the KL term). "contrast": DPO's shape, minibatch_size comparisons a step
-    # (a conversation's answers together), one pass, no clip and no KL term, stopping at max_kl nats from the
-    # starting policy. Over
-    # training seeds on the served sweep's two draws of votes, "clipped" gained +0.013 and +0.004 and this shape
-    # +0.110 and -0.028, DPO +0.115 and +0.037 (bench/RESULTS.md, "PPO's served step against DPO over training
-    # seeds").
-    served_step: ServedStep = "clipped"
+    # How the served iteration steps (rlhf.ppo.step_shape). "contrast": minibatch_size comparisons a step (a
+    # conversation's answers together), one pass, no clip and no KL term, stopping before a minibatch of served
+    # answers that measures more than max_kl nats from the starting policy: each step raises the answers voted up
+    # and lowers the others, as DPO's steps do, and the KL budget bounds how far. "clipped": as a fresh iteration
+    # steps (minibatch_size answers, epochs passes, the clip and the KL term), which gained +0.017 in three seeds of
+    # the learning benchmark, its users unable to tell most candidates from the base; "contrast" gained +0.133 and
+    # +0.000 in two (bench/RESULTS.md, "Learning benchmark: PPO's served step as a contrast").
+    served_step: ServedStep = "contrast"
     # Fresh samples are scored by the reward model, so they are worth their cost only when it orders held-out pairs
     # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a
     # 95 % lower bound at or below this trains on those answers alone (0: always sample fresh too).

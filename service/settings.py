@@ -184,7 +184,7 @@ class Settings(BaseSettings):
     ppo_max_kl: float = Field(
         PPOConfig.max_kl, ge=0, description="Nats per answer to the reference, on the policy's own samples: a fresh "
         "PPO batch that measures more is not trained on and the run stops there, before the gate's budget "
-        "(gate_max_kl). 0: never.",
+        "(gate_max_kl); the contrast served step stops at the same distance from its starting policy. 0: never.",
     )
     ppo_critic: bool = Field(
         PPOConfig.critic, description="Train a value head for GAE advantages. Off: each token's advantage is the "
@@ -218,9 +218,9 @@ class Settings(BaseSettings):
         "each comparison, which measured several times the gain per nat)."
     )
     ppo_served_step: ServedStep = Field(
-        PPOConfig.served_step, description="How PPO steps on served answers: 'clipped' as on fresh ones (minibatch "
-        "size, epochs, clip, KL term), or 'contrast' in DPO's shape (ppo_minibatch_size comparisons a step, one pass, "
-        "no clip, no KL term; the gate's KL check bounds it).",
+        PPOConfig.served_step, description="How PPO steps on served answers: 'contrast' in DPO's shape "
+        "(ppo_minibatch_size comparisons a step, one pass, no clip, no KL term, stopping ppo_max_kl nats from the "
+        "starting policy), or 'clipped' as on fresh ones (minibatch size, epochs, clip, KL term).",
     )
     ppo_min_reward_accuracy: float = Field(
         PPOConfig.min_reward_accuracy, ge=0, le=1, description="With served answers to train on, a run samples fresh "

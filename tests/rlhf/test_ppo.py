@@ -242,11 +242,13 @@ def test_served_answers_make_the_first_batch_with_their_ends_kept(tiny_base):
 
 @pytest.mark.parametrize("keep_groups", [True, False])
 def test_minibatch_groups_keep_a_conversations_served_answers_in_one_step(tiny_base, monkeypatch, keep_groups):
-    """With minibatch_groups each gradient step holds whole conversations: both answers to a prompt, never one."""
+    """With minibatch_groups each gradient step of the clipped served step holds whole conversations: both answers
+    to a prompt, never one."""
     import rlhf.ppo
 
     base, tokenizer = tiny_base
-    trainer = PPOTrainer(base, tokenizer, None, tiny_config(minibatch_size=3, epochs=2, minibatch_groups=keep_groups))
+    config = tiny_config(minibatch_size=3, epochs=2, minibatch_groups=keep_groups, served_step="clipped")
+    trainer = PPOTrainer(base, tokenizer, None, config)
     served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
     steps = []
 
