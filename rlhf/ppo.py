@@ -8,6 +8,8 @@ is a Linear on the policy's last hidden states (shared trunk). Without it (criti
 default) every token's advantage is the answer's score baselined on its group siblings (RLOO), and
 with kl_penalty="loss" the KL to the reference is a term of the loss rather than a per-token reward: k3 weighted
 by pi / pi_old, which stays right on answers the policy did not sample itself (served ones, later epochs).
+The first iteration of a run trains on answers production served, rewarded by their users' votes, by default as
+a contrast (step_shape): DPO's step shape under PPO's loss, no clip and no KL term, stopped by a KL budget.
 Every logprob used for the ratio and the KL is recomputed here, in the trainer's own precision, with
 logits divided by the sampling temperature (Huang et al., "The N Implementation Details of RLHF with PPO").
 """
@@ -234,9 +236,10 @@ class PPOTrainer:
         """One PPO iteration on served answers, rewarded by their users' own votes (+1 or -1) rather than by the
         reward model: a vote is the preference itself, a reward model only its estimate. Answers another version
         wrote are trained on as if the starting policy had sampled them (pi_old is the starting policy's own
-        logprob): the clipped ratio and the KL term start from it all the same. Answers to one
-        conversation are each other's baseline; minibatches are as large as a fresh iteration's, so a batch of
-        served answers takes as many more optimiser steps as it holds more answers."""
+        logprob). Answers to one conversation are each other's baseline. How it steps is step_shape's: by default
+        a contrast (minibatch_size comparisons a step, one pass, stopped at max_kl nats from the starting policy);
+        with served_step "clipped", as a fresh iteration steps, taking as many more optimiser steps as it holds
+        more answers."""
         prompts = [s.prompt for s in served]
         answer_ids = [self.served_ids(s) for s in served]
         batch = build_batch([encode_prompt(self.tokenizer, p)[-self.config.max_prompt_tokens :] for p in prompts],
