@@ -22,7 +22,7 @@ from common.models import eos_token_ids
 from rlhf.config import EvalConfig, LoraSettings
 from rlhf.evaluate import answer_policy
 from rlhf.modeling import load_base, peft_config
-from rlhf.ppo import RewardFn
+from rlhf.rollout import RewardFn
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from common.records import Pair, Thumb
 from rlhf.data import FeedbackData
 from rlhf.modeling import load_base
 from rlhf.offline import train_offline
-from rlhf.ppo import generate
+from rlhf.rollout import generate
 from service.engine.model import resolve_base_model
 from service.settings import Settings
 from workers.config import config_from_settings

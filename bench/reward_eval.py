@@ -17,8 +17,8 @@ import torch
 from bench.loop_eval import preference_reward
 from common.models import eos_token_ids
 from rlhf.modeling import load_base
-from rlhf.ppo import generate
 from rlhf.reward import RewardModel, accuracy, accuracy_interval
+from rlhf.rollout import generate
 
 
 @dataclass

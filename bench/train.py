@@ -38,8 +38,9 @@ from rlhf.config import PPOConfig, RewardConfig
 from rlhf.data import build_datasets
 from rlhf.modeling import encode_answer, encode_prompt, load_base
 from rlhf.pipeline import ppo_trainer
-from rlhf.ppo import PPOTrainer, forward_answers, generate
+from rlhf.ppo import PPOTrainer
 from rlhf.reward import train_reward_model
+from rlhf.rollout import forward_answers, generate
 from service.engine.model import resolve_base_model
 from service.settings import Settings
 

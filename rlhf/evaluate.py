@@ -18,8 +18,8 @@ from common.conversations import Messages
 from common.models import eos_token_ids
 from rlhf.config import EvalConfig, GateConfig
 from rlhf.modeling import token_logprobs
-from rlhf.ppo import RewardFn, forward_answers, generate
 from rlhf.ppo_math import kl_k1
+from rlhf.rollout import RewardFn, forward_answers, generate
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from common.records import Origin, Pair, Thumb
 from rlhf.config import RewardConfig
 from rlhf.data import FeedbackData
 from rlhf.features import FeatureCache, answer_key, compute_features, feature_signature
-from rlhf.ppo import RewardFn
+from rlhf.rollout import RewardFn
 
 FORMAT = "chatloop-reward-model/2"
 WEIGHTS_FILE = "reward_model.safetensors"
@@ -156,7 +156,7 @@ class RewardModel:
             return compute_features(model, tokenizer, prompts, answers, self.config, ended=ended)
 
     def reward_fn(self, model: torch.nn.Module, tokenizer: Tokenizer) -> RewardFn:
-        """Normalised scores as a PPO/evaluation reward function (rlhf.ppo.RewardFn), the features coming from
+        """Normalised scores as a PPO/evaluation reward function (rlhf.rollout.RewardFn), the features coming from
         `model`'s base (a policy's PeftModel shares its weights)."""
         eos = eos_token_ids(model, tokenizer)
 

@@ -11,7 +11,8 @@ from peft import PeftModel
 from rlhf.config import LoraSettings, PPOConfig
 from rlhf.data import Served
 from rlhf.modeling import load_base
-from rlhf.ppo import PPOTrainer, cut_at_eos
+from rlhf.ppo import PPOTrainer
+from rlhf.rollout import cut_at_eos
 from service.engine.model import resolve_base_model
 from service.settings import Settings
 from tests.models import make_adapter
