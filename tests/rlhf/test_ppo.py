@@ -31,6 +31,11 @@ def tiny_base(tiny_model_dir: Path):
     return load_base(tiny_model_dir)
 
 
+def six_comparisons() -> list[Served]:
+    """12 served answers to 6 conversations: answer i is to prompt i % 6, the first six voted up, the rest down."""
+    return [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+
+
 def tiny_config(**overrides) -> PPOConfig:
     settings = dict(
         batch_size=16, minibatch_size=8, epochs=4, lr=3e-3, max_new_tokens=8, temperature=0.1, kl_coef=0.05,
@@ -250,7 +255,7 @@ def test_minibatch_groups_keep_a_conversations_served_answers_in_one_step(tiny_b
     base, tokenizer = tiny_base
     config = tiny_config(minibatch_size=3, epochs=2, minibatch_groups=keep_groups, served_step="clipped")
     trainer = PPOTrainer(base, tokenizer, None, config)
-    served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+    served = six_comparisons()
     steps = []
 
     def spy(n, size, groups=None):
@@ -303,7 +308,7 @@ def test_contrast_served_step_takes_one_pass_of_whole_conversations(tiny_base, m
     base, tokenizer = tiny_base
     config = tiny_config(minibatch_size=2, epochs=4, lr=5e-2, served_step="contrast", minibatch_groups=False, max_kl=0)
     trainer = PPOTrainer(base, tokenizer, None, config)
-    served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+    served = six_comparisons()
     steps = []
 
     def spy(n, size, groups=None):
@@ -327,7 +332,7 @@ def test_contrast_served_step_stops_once_unseen_answers_measure_max_kl(tiny_base
     base, tokenizer = tiny_base
     config = tiny_config(minibatch_size=2, lr=5e-2, served_step="contrast", max_kl=max_kl)
     trainer = PPOTrainer(base, tokenizer, None, config)
-    served = [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+    served = six_comparisons()
     torch.manual_seed(0)
     stats = trainer.train(PROMPTS, 1, served=served)[0]
     assert stats["ppo/steps"] == steps
