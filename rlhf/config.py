@@ -76,7 +76,8 @@ class PPOConfig:
     # Nats per answer to the reference on the policy's own samples (the gate's measure, GateConfig.max_kl): a fresh
     # batch that measures more is not trained on and the run stops there (0: never). The served iteration with
     # served_step "contrast" stops at the same distance from its starting policy, measured on the served answers it
-    # has not yet trained on (rlhf.ppo.step_shape). Fresh iterations spent 7.2 and
+    # has not yet trained on (rlhf.ppo.step_shape), or sooner where the gate's budget (GateConfig.max_kl) less the
+    # starting policy's own distance to the reference leaves less room. Fresh iterations spent 7.2 and
     # 9.1 nats in two learning-benchmark runs (bench/RESULTS.md) and 18.7 in one at lr 2e-3, the gate refusing it.
     max_kl: float = 6.0
     max_new_tokens: int = 64
