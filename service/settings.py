@@ -184,7 +184,8 @@ class Settings(BaseSettings):
     ppo_max_kl: float = Field(
         PPOConfig.max_kl, ge=0, description="Nats per answer to the reference, on the policy's own samples: a fresh "
         "PPO batch that measures more is not trained on and the run stops there, before the gate's budget "
-        "(gate_max_kl); the contrast served step stops at the same distance from its starting policy. 0: never.",
+        "(gate_max_kl); the contrast served step stops at the same distance from its starting policy, or sooner "
+        "where gate_max_kl less the starting policy's own distance to the reference leaves less room. 0: never.",
     )
     ppo_critic: bool = Field(
         PPOConfig.critic, description="Train a value head for GAE advantages. Off: each token's advantage is the "
