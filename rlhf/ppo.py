@@ -188,13 +188,22 @@ class PPOTrainer:
         rollouts = self.recompute(prompts, answer_ids, batch)
         room = {}
         if shape.max_kl < float("inf"):  # the contrast with its stop: the nearer of the two
-            start_kl = 0.0 if self.at_reference else start_distance(rollouts, [s.on_policy for s in served])
+            start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served)
             shape = replace(shape, max_kl=max(0.0, min(shape.max_kl, kl_limit - start_kl)))
             room = {"ppo/start_kl": start_kl, "ppo/kl_room": shape.max_kl}
         stats = self.update(rollouts, groups, shape, votes)
         on_policy = float(sum(s.on_policy for s in served))
         return stats | room | {"time/generate_s": 0.0, "ppo/served": float(len(served)),
                                "ppo/served_on_policy": on_policy}
+
+    def start_distance(self, rollouts: Rollouts, served: list[Served]) -> float:
+        """The starting policy's KL to the reference, nats per answer, on its own samples (the gate's measure): the
+        served answers it wrote, or a fresh batch when it wrote none (others' answers would make it look nearer)."""
+        own = own_distance(rollouts, [s.on_policy for s in served])
+        if own is not None:
+            return own
+        fresh = self.sample(rollouts.prompts[: self.config.batch_size])
+        return kl_k1(fresh.logprobs, fresh.ref_logprobs, fresh.batch.response_mask).mean().item()
 
     def served_ids(self, served: Served) -> list[int]:
         """A served answer's tokens as the policy would have emitted them: EOS only if it stopped there."""
@@ -352,14 +361,13 @@ class PPOTrainer:
         return save_adapter(self.policy, out_dir)
 
 
-def start_distance(rollouts: Rollouts, on_policy: list[bool]) -> float:
-    """The starting policy's KL to the reference, nats per answer, on the served answers it sampled itself (the
-    gate's own measure: k1 on the policy's samples); on all of them when it sampled none (just promoted: they are
-    its neighbours')."""
+def own_distance(rollouts: Rollouts, on_policy: list[bool]) -> float | None:
+    """KL(pi_old || pi_ref) in nats per answer (k1) over the rows pi_old sampled itself; None if there are none: on
+    another policy's samples the same sum estimates something else (minus KL(q || pi_ref) when q is the reference)."""
     own = torch.tensor(on_policy, device=rollouts.logprobs.device)
-    rows = own if own.any() else torch.ones_like(own)
-    kl = kl_k1(rollouts.logprobs[rows], rollouts.ref_logprobs[rows], rollouts.batch.response_mask[rows])
-    return kl.mean().item()
+    if not own.any():
+        return None
+    return kl_k1(rollouts.logprobs[own], rollouts.ref_logprobs[own], rollouts.batch.response_mask[own]).mean().item()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ from peft import PeftModel
 from rlhf.config import LoraSettings, PPOConfig
 from rlhf.data import Served
 from rlhf.modeling import TokenBatch, load_base
-from rlhf.ppo import PPOTrainer, start_distance
+from rlhf.ppo import PPOTrainer, own_distance
 from rlhf.rollout import Rollouts, cut_at_eos
 from service.engine.model import resolve_base_model
 from service.settings import Settings
@@ -340,28 +340,31 @@ def test_contrast_served_step_stops_once_unseen_answers_measure_max_kl(tiny_base
     assert (stats["ppo/step_kl"] > max_kl) == (steps == 1)
 
 
-def test_start_distance_is_k1_over_the_answers_the_start_sampled_itself():
+def test_own_distance_is_k1_over_the_answers_the_start_sampled_itself():
     """Rows 0 and 1 sampled by the starting policy: (1.0 + 0.5) and (2.0) nats over their unmasked tokens, mean
-    1.75; row 2 (another version's answer, 9 nats) counts only when no row is the start's own: mean (1.5+2+9)/3."""
+    1.75; row 2 (another version's answer, 9 nats) never counts, and with no row of its own there is no measure."""
     logprobs = torch.tensor([[-1.0, -1.5, -7.0], [-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-2.0, -2.0, 0.0], [-3.0, -2.0, -3.0], [-4.0, -4.0, -4.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
     batch = TokenBatch(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), mask, 1)
     zeros = torch.zeros(3, 3)
     rollouts = Rollouts([], [], [], batch, torch.ones(3, dtype=torch.bool), logprobs, ref, zeros, zeros)
-    assert start_distance(rollouts, [True, True, False]) == pytest.approx(1.75)
-    assert start_distance(rollouts, [False, False, False]) == pytest.approx(12.5 / 3)
+    assert own_distance(rollouts, [True, True, False]) == pytest.approx(1.75)
+    assert own_distance(rollouts, [False, False, False]) is None
 
 
+@pytest.mark.parametrize("own", [True, False])  # False: answers other versions wrote, so it samples its own
 @pytest.mark.parametrize("room, steps", [(0.0, 0), (1e6, 3)])
-def test_the_contrast_stop_leaves_room_for_the_starts_own_distance(tiny_base, tiny_model_dir, tmp_path, room, steps):
+def test_the_contrast_stop_leaves_room_for_the_starts_own_distance(
+    tiny_base, tiny_model_dir, tmp_path, room, steps, own
+):
     """From a production adapter away from the reference, kl_limit spends the start's own distance first: a limit
     of exactly that distance leaves no room (no step), one far beyond it leaves max_kl (all 3 steps)."""
     base, tokenizer = tiny_base
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "prod", seed=3)
     config = tiny_config(minibatch_size=2, lr=5e-2, served_step="contrast", max_kl=1e6)
     probe = PPOTrainer(load_base(tiny_model_dir)[0], tokenizer, None, config, init_adapter_dir=adapter_dir)
-    served = six_comparisons()
+    served = [s._replace(on_policy=own) for s in six_comparisons()]
     start_kl = probe.step_served(served, kl_limit=float("inf"))["ppo/start_kl"]
     assert start_kl > 0.1  # the adapter really is away from the reference
     trainer = PPOTrainer(base, tokenizer, None, config, init_adapter_dir=adapter_dir)
