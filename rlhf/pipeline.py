@@ -111,6 +111,16 @@ def train_policy(
     return history
 
 
+def untrained_reason(algorithm: str, history: list[dict], gate_max_kl: float) -> str | None:
+    """Why a PPO run left its adapter as it started (every iteration stopped before its first optimiser step: its
+    starting policy had no KL room left), or None if it trained. Such a candidate is its parent: nothing to test."""
+    if algorithm != "ppo" or any(h.get("ppo/steps", 0) for h in history):
+        return None
+    start_kl = next((h["ppo/start_kl"] for h in history if "ppo/start_kl" in h), None)
+    where = f"already {start_kl:.1f} nats from the reference" if start_kl is not None else "at its KL budget"
+    return f"no training step: the starting policy is {where}, with the gate's budget at {gate_max_kl:g}"
+
+
 def eval_models(
     reward_dir: Path, base_path: Path, candidate_dir: Path, current_adapter: Path | None = None, device: str = "cpu"
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, RewardModel]:

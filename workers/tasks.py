@@ -198,7 +198,9 @@ def train_policy(self, run_id: str) -> str:
         meta = {"parent": parent, "run_id": run_id, "algorithm": settings.algorithm,
                 "reward_metrics": s.run["reward_metrics"], "policy": history[-1] if history else {}}
         version = arun(settings, registry.register_dir, s.work / "candidate", meta)
-        s.update(candidate=version, parent=parent, algorithm=settings.algorithm, policy=meta["policy"])
+        untrained = pipeline.untrained_reason(settings.algorithm, history, config.gate.max_kl)
+        s.update(candidate=version, parent=parent, algorithm=settings.algorithm, policy=meta["policy"],
+                 **({"untrained": untrained} if untrained else {}))
     return run_id
 
 
@@ -209,6 +211,9 @@ def evaluate(self, run_id: str) -> str:
     settings = get_settings()
     with stage(self, settings, run_id, "evaluate") as s:
         if "evaluation" in s.run:
+            return run_id
+        if s.run.get("untrained"):  # the candidate is its parent: no evaluation, no A/B test
+            s.update(evaluation={"metrics": {}, "accepted": False, "reasons": [s.run["untrained"]]})
             return run_id
         reward, data = reward_and_data(settings, run_id, s.work)
         candidate = adapter_dir(settings, s.run["candidate"], s.work / "candidate")

@@ -21,6 +21,7 @@ from rlhf.pipeline import (
     ppo_trainer,
     train_policy,
     train_reward,
+    untrained_reason,
 )
 from rlhf.ppo import PPOTrainer
 from rlhf.reward import RewardModel
@@ -195,3 +196,16 @@ def test_a_run_trains_on_served_answers_alone_when_its_reward_model_is_not_bette
     assert len(history) == iterations and seen[-1] == (iterations, iterations)
     assert history[0]["ppo/served"] == 8  # the 12 served answers' newest 8
     assert history[0]["ppo/kl_room"] == 0.5 and history[0]["ppo/start_kl"] == 0.0  # a fresh adapter is the base
+
+
+def test_a_ppo_run_that_took_no_step_has_no_candidate_to_test():
+    """The served iteration had no room (0 steps) and the fresh one stopped over max_kl (no steps key): untrained.
+    One step anywhere, or another algorithm, is a candidate."""
+    no_room = {"ppo/steps": 0.0, "ppo/start_kl": 12.97, "ppo/kl_room": 0.0}
+    over = {"ppo/over_max_kl": 1.0, "objective/kl": 13.1}
+    assert untrained_reason("ppo", [no_room, over], 12.0) == (
+        "no training step: the starting policy is already 13.0 nats from the reference, with the gate's budget at 12")
+    assert "at its KL budget" in untrained_reason("ppo", [over], 12.0)
+    assert untrained_reason("ppo", [no_room, {"ppo/steps": 4.0}], 12.0) is None
+    assert untrained_reason("ppo", [{"ppo/steps": 1.0, "ppo/start_kl": 3.0}], 12.0) is None
+    assert untrained_reason("dpo", [], 12.0) is None

@@ -45,11 +45,12 @@ def env(tiny_model_dir, tmp_path, redis_url, redis_sync):
     return tiny_server_env(tiny_model_dir, tmp_path, redis_url) | TRAINING
 
 
-def give_feedback(url: str, prompts: int = 8) -> None:
+def give_feedback(url: str, prompts: int = 8, **sampling) -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
     for i in range(prompts):
         answer = client.chat.completions.create(
-            model="chatloop", n=2, max_tokens=8, messages=[{"role": "user", "content": f"Tell me a fact, {i}"}]
+            model="chatloop", n=2, max_tokens=8, messages=[{"role": "user", "content": f"Tell me a fact, {i}"}],
+            **sampling,
         )
         response = httpx.post(f"{url}/v1/comparisons", json={"completion_id": answer.id, "preferred": i % 2})
         assert response.status_code == 200, response.text
@@ -134,6 +135,21 @@ def test_a_rejected_candidate_is_never_promoted(env, tmp_path, redis_url):
         assert production(redis_url) == "base"
         assert run["candidate"] in httpx.get(f"{url}/admin/adapters",
                                              headers={"Authorization": f"Bearer {key}"}).text
+
+
+def test_a_run_with_no_kl_room_ends_before_its_evaluation(env, tmp_path, redis_url):
+    """With the gate's budget at 0 the contrast on served answers has no room and takes no step (the only
+    iteration): the candidate is its parent, so the run is rejected with that reason instead of being evaluated."""
+    env = env | {"CHATLOOP_GATE_MAX_KL": "0"}
+    with running_server(env, tmp_path / "api.log") as url, process("worker", env, tmp_path / "worker.log"):
+        key = admin_key(redis_url)
+        give_feedback(url, temperature=0.7, top_p=1.0)  # PPO's own sampling: its served batch
+        response = httpx.post(f"{url}/admin/train", headers={"Authorization": f"Bearer {key}"})
+        run = wait_run(url, key, response.json()["run_id"], FINISHED)
+        assert run["status"] == "rejected", run
+        assert run["evaluation"]["reasons"][0].startswith("no training step"), run["evaluation"]
+        assert run["evaluation"]["metrics"] == {} and run["policy"]["ppo/steps"] == 0 and run["policy"]["ppo/served"]
+        assert production(redis_url) == "base"
 
 
 def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(env, tmp_path, redis_url):
