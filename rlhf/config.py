@@ -132,9 +132,9 @@ class PPOConfig:
     # answers that measures more than max_kl nats from the starting policy: each step raises the answers voted up
     # and lowers the others, as DPO's steps do, and the KL budget bounds how far. "clipped": as a fresh iteration
     # steps (minibatch_size answers, epochs passes, the clip and the KL term), which gained +0.017 in three seeds of
-    # the learning benchmark, its users unable to tell most candidates from the base; "contrast" gained +0.133,
-    # +0.000 and +0.223 in three, and +0.785 for `concise` users against the clipped step's +0.224 (bench/RESULTS.md,
-    # "PPO's served step as a contrast" and the sections above it).
+    # the learning benchmark, its users unable to tell most candidates from the base; "contrast" gained +0.133
+    # (+0.000 rerun on a machine half as fast), +0.000 and +0.223 in three, and +0.785 for `concise` users against
+    # the clipped step's +0.224 (bench/RESULTS.md, "PPO's served step as a contrast" and the sections above it).
     served_step: ServedStep = "contrast"
     # Fresh samples are scored by the reward model, so they are worth their cost only when it orders held-out pairs
     # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a
