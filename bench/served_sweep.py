@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dpo (default)": ("dpo", {}),
     "ppo served (default)": ("ppo", {}),
     "ppo served, contrast without its stop": ("ppo", {"max_kl": 0.0}),
+    # the contrast's steps on 4x the comparisons each (32, not 8): the stop comes after a few steps whatever the
+    # number of votes, so the step's noise, not the data, may be what the KL budget is spent on
+    "ppo served, 32 comparisons a step": ("ppo", {"minibatch_size": 32}),
     "ppo served, clipped": ("ppo", CLIPPED),
     "ppo served, groups in one minibatch": ("ppo", CLIPPED | {"minibatch_groups": True}),
     "ppo served, 4 epochs": ("ppo", CLIPPED | {"epochs": 4}),
