@@ -155,7 +155,7 @@ class PPOTrainer:
         group = self.config.group_size
         groups = torch.arange(len(prompts), device=self.device) // group if group > 1 else None
         rollouts = self.recompute(prompts, answer_ids, batch)
-        kl = kl_k1(rollouts.logprobs, rollouts.ref_logprobs, rollouts.batch.response_mask).mean().item()
+        kl = sample_distance(rollouts)
         if self.config.max_kl and kl > self.config.max_kl:  # the policy's own samples: the gate's own measure
             return {"objective/kl": kl, "ppo/over_max_kl": 1.0, "ppo/batch": float(len(prompts)),
                     "time/generate_s": generated - start, "time/forward_s": rollouts.seconds, "time/score_s": 0.0,
@@ -202,8 +202,7 @@ class PPOTrainer:
         own = own_distance(rollouts, [s.on_policy for s in served])
         if own is not None:
             return own
-        fresh = self.sample(rollouts.prompts[: self.config.batch_size])
-        return kl_k1(fresh.logprobs, fresh.ref_logprobs, fresh.batch.response_mask).mean().item()
+        return sample_distance(self.sample(rollouts.prompts[: self.config.batch_size]))
 
     def served_ids(self, served: Served) -> list[int]:
         """A served answer's tokens as the policy would have emitted them: EOS only if it stopped there."""
@@ -361,13 +360,16 @@ class PPOTrainer:
         return save_adapter(self.policy, out_dir)
 
 
+def sample_distance(rollouts: Rollouts, rows: torch.Tensor | slice = slice(None)) -> float:
+    """KL(pi_old || pi_ref) in nats per answer (k1) over rows that pi_old sampled itself: the gate's measure."""
+    return kl_k1(rollouts.logprobs[rows], rollouts.ref_logprobs[rows], rollouts.batch.response_mask[rows]).mean().item()
+
+
 def own_distance(rollouts: Rollouts, on_policy: list[bool]) -> float | None:
-    """KL(pi_old || pi_ref) in nats per answer (k1) over the rows pi_old sampled itself; None if there are none: on
-    another policy's samples the same sum estimates something else (minus KL(q || pi_ref) when q is the reference)."""
+    """sample_distance over the rows pi_old sampled itself; None if there are none: on another policy's samples the
+    same sum estimates something else (minus KL(q || pi_ref) when q is the reference)."""
     own = torch.tensor(on_policy, device=rollouts.logprobs.device)
-    if not own.any():
-        return None
-    return kl_k1(rollouts.logprobs[own], rollouts.ref_logprobs[own], rollouts.batch.response_mask[own]).mean().item()
+    return sample_distance(rollouts, own) if own.any() else None
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
