@@ -141,6 +141,8 @@ def run_table(results: list[dict]) -> str:
 def _ab(ab: dict | None) -> str:
     if not ab:
         return "–"
+    if not ab.get("votes"):  # a candidate that waited for its turn and never met its users
+        return ab["reason"]
     why = ab["reason"].split(":")[0].split(" (")[0]  # "users prefer it", "deadline passed with too few votes..."
     return f"{ab['votes']} votes, {ab['win_rate']:.2f} [{ab['ci95'][0]:.2f}, {ab['ci95'][1]:.2f}]: {why}"
 

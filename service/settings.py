@@ -277,6 +277,12 @@ class Settings(BaseSettings):
         "better than production is promoted more often than (1 - level) / 2: 10-15 % of the time at 0.95 "
         "(bench/ab_gate.py).",
     )
+    ab_hold_win_rate: float = Field(
+        0.5, ge=0.5, le=1, description="When a newer candidate passes the offline checks while a test is undecided: a "
+        "test whose win rate so far is above this keeps its place, and the newer candidate waits for it to end (only "
+        "the newest waits; an older waiting one ends superseded); at or below it, the newer candidate takes the "
+        "test's place. 1: a newer candidate always takes an undecided test's place.",
+    )
     ab_futility: float = Field(
         0.55, ge=0.5, lt=1, description="An A/B test whose interval's upper bound falls below this win "
         "rate is rejected: whatever the users' preference, it is too slight to be worth the test (0.5: only a "

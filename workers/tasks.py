@@ -107,17 +107,21 @@ def backoff_s(recent: list[dict], settings: Settings, now: float) -> float:
     return max(0.0, recent[0].get("finished", recent[0].get("created", now)) + delay - now)
 
 
-def enter_ab(settings: Settings, version: str, parent: str, run_id: str) -> str:
+def enter_ab(settings: Settings, version: str, parent: str, run_id: str, queued: bool = False) -> str:
     """Put a candidate that passed the offline checks into the online A/B test against production (as a rule the
-    version it was trained from); returns its run's status. There is one test at a time (and one training run): a
-    running test whose evidence cannot decide yet is superseded by the newer candidate (trained on more feedback,
-    from data that ends later), and its run ends "superseded" with the evidence it had, so an undecided test never
-    holds up what the users taught since. A candidate whose parent is no longer production (a test promoted while
-    it trained) is tested against the new production: it learnt from more feedback than the test's winner did,
-    and the users decide between the two. (In the learning benchmark a run that started during the first test
-    trained for 17 minutes and was thrown away at the end.) Only an operator's rollback to something else since
-    (production neither the parent nor a version promoted after it) makes it "superseded": production was taken
-    back on purpose."""
+    version it was trained from); returns its run's status. There is one test at a time (and one training run).
+    When a test is still undecided, the newer candidate (trained on more feedback, from data that ends later)
+    takes its place unless the test leads (its win rate so far above `ab_hold_win_rate`): a leading test keeps
+    its place, because starting over would throw its evidence away (in the learning benchmark, tests that led at
+    0.55 after 200 votes gave way one after another and nothing was ever decided), and the newer candidate waits
+    for its turn ("ab_waiting"); only the newest waits, and a waiting one that a newer candidate displaces ends
+    "superseded", as does a test that gives way, with the evidence it had. A test the evidence can decide is
+    decided first. A candidate whose parent is no longer production (a test promoted while it trained or waited)
+    is tested against the new production: it learnt from more feedback than the test's winner did, and the users
+    decide between the two. (In the learning benchmark a run that started during the first test trained for 17
+    minutes and was thrown away at the end.) Only an operator's rollback to something else since (production
+    neither the parent nor a version promoted after it) makes it "superseded": production was taken back on
+    purpose. queued: the candidate comes from the waiting slot (start_waiting), which it leaves to its caller."""
     for _ in range(3):  # each retry follows a test that ended or was replaced between two reads
         running = arun(settings, ab_tests.active)
         if running is not None and running.candidate == version:  # a redelivered stage: its test runs already
@@ -126,26 +130,57 @@ def enter_ab(settings: Settings, version: str, parent: str, run_id: str) -> str:
         production = arun(settings, registry.production)
         if not arun(settings, registry.promoted_since, parent, production):  # True when production is the parent
             return "superseded"
+        undecided = ab is not None and ab["status"] == "ab_test"
+        if undecided and ab["win_rate"] > settings.ab_hold_win_rate:
+            displaced = arun(settings, ab_tests.wait, ab_tests.Waiting(version, parent, run_id))
+            if displaced is not None:
+                end_waiting(settings, displaced, f"superseded by {version} while it waited for the test of "
+                                                 f"{running.candidate}")
+            return "ab_waiting"
         test = ABTest(candidate=version, production=production, run_id=run_id, started=time.time(),
                       deadline=time.time() + settings.ab_deadline_s)
-        if ab is None or ab["status"] != "ab_test":
+        if not undecided:
             started = arun(settings, ab_tests.start, test)
         elif started := arun(settings, ab_tests.replace, running.candidate, test):
             runs.update_run(runs.client(settings), running.run_id, status="superseded", finished=time.time(),
                             ab={**ab, "cause": "superseded",
                                 "reason": f"superseded by {version} before the evidence decided"})
         if started:
+            older = None if queued else arun(settings, ab_tests.waiting)
+            if older is not None and arun(settings, ab_tests.clear_waiting, older.candidate):
+                end_waiting(settings, older, f"superseded by {version}, trained later, while it waited for its turn")
             arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
             return "ab_test"
     return "rejected"
 
 
+def end_waiting(settings: Settings, entry: ab_tests.Waiting, reason: str) -> None:
+    """Record that a waiting candidate will not be tested: a newer one took its place."""
+    runs.update_run(runs.client(settings), entry.run_id, status="superseded", finished=time.time(),
+                    ab={"votes": 0, "cause": "superseded", "reason": reason})
+
+
+def start_waiting(settings: Settings) -> str | None:
+    """Start the test of the candidate waiting for its turn, once no test runs; its run's status, None if no
+    candidate waits or a test still runs."""
+    entry = arun(settings, ab_tests.waiting)
+    if entry is None or arun(settings, ab_tests.active) is not None:
+        return None
+    status = enter_ab(settings, entry.candidate, entry.parent, entry.run_id, queued=True)
+    if status != "ab_waiting" and arun(settings, ab_tests.clear_waiting, entry.candidate):
+        runs.update_run(runs.client(settings), entry.run_id, status=status,
+                        **({} if status == "ab_test" else {"finished": time.time()}))
+    return status
+
+
 @app.task(name="chatloop.maybe_retrain")
 def maybe_retrain() -> dict:
-    """Beat's check: decide the A/B test if one runs and can be decided; start a run when enough feedback
-    arrived (also while a test runs: its candidate, if the test is still undecided, gives way to the next)."""
+    """Beat's check: decide the A/B test if one runs and can be decided, then start the waiting candidate's test
+    if none runs; start a run when enough feedback arrived (also while a test runs: enter_ab says whether its
+    candidate gives way to the next or the next waits)."""
     settings = get_settings()
     ab = settle_ab(settings)
+    start_waiting(settings)  # the waiting candidate's turn, if the test just ended (or ended elsewhere)
     r = runs.client(settings)
     lost = mark_lost_runs(r)
     wait = backoff_s(runs.recent_runs(r), settings, time.time())
@@ -242,6 +277,6 @@ def promote(self, run_id: str) -> str:
             except registry.PromotionConflict:  # production moved while this run trained (an operator's rollback)
                 status = "superseded"
         arun(settings, feedback_store.mark_trained, s.run["events_seen"])
-        s.update(status=status, **({} if status == "ab_test" else {"finished": time.time()}))
+        s.update(status=status, **({} if status in ("ab_test", "ab_waiting") else {"finished": time.time()}))
         runs.release_lock(s.redis, run_id)
     return run_id

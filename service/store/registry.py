@@ -14,7 +14,8 @@ API replica to swap; promotion and rollback check the production they expect (co
     chatloop:adapter:history       list (newest first) of promotions: {version, previous, at, reason, rollback}
     chatloop:adapter:events        pub/sub channel: {"event": "promoted" | "candidate", "version": ...}
 
-Retention: production, every version the history names and the candidate of the running A/B test are kept;
+Retention: production, every version the history names and the candidates of the running A/B test and of the one
+waiting for its turn are kept;
 of the other (never promoted) versions, the newest `keep_candidates`; registering a version deletes the rest.
 """
 
@@ -82,7 +83,7 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: production, history, versions, A/B test; ARGV: never-promoted versions to keep, key prefix.
+# KEYS: production, history, versions, A/B test, waiting candidate; ARGV: never-promoted versions to keep, key prefix.
 # The weights and meta keys of the versions it deletes are built here from the prefix (one Redis, no cluster).
 _COLLECT = """
 local protected = {}
@@ -94,6 +95,8 @@ for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
 end
 local test = redis.call('GET', KEYS[4])
 if test then protected[cjson.decode(test)['candidate'] or ''] = true end
+local waiting = redis.call('GET', KEYS[5])
+if waiting then protected[cjson.decode(waiting)[1] or ''] = true end
 local kept, deleted = 0, {}
 for _, version in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, -1)) do
   if not protected[version] then
@@ -177,7 +180,7 @@ async def register(
 
 async def collect_garbage(redis: Redis, keep_candidates: int) -> list[str]:
     """Delete the never-promoted versions past the newest `keep_candidates`; returns the versions deleted."""
-    keys = [PRODUCTION, HISTORY, VERSIONS, ab_tests.ACTIVE]
+    keys = [PRODUCTION, HISTORY, VERSIONS, ab_tests.ACTIVE, ab_tests.WAITING]
     return [_text(v) for v in await redis.eval(_COLLECT, len(keys), *keys, keep_candidates, PREFIX)]
 
 

@@ -150,7 +150,7 @@ def register(redis_url: str, adapter_dir) -> str:
 def test_a_newer_candidate_supersedes_an_undecided_test(redis_url, redis_sync, tiny_adapter_dir):
     settings = settings_for(redis_url)
     test = asyncio.run(start(redis_url, tiny_adapter_dir))
-    asyncio.run(votes(redis_url, test, [True, False, True]))  # too few to decide
+    asyncio.run(votes(redis_url, test, [False, True, False]))  # too few to decide, and it does not lead
     newer = register(redis_url, tiny_adapter_dir)
     assert enter_ab(settings, newer, test.production, "run2") == "ab_test"
     running = asyncio.run(active(redis_url))
