@@ -40,26 +40,43 @@ class Thumbs:
     gap: float = 1.0  # the candidate's is higher by gap x (p - 1/2)
 
 
+class Voters:
+    """The users' blind votes on one test as they arrive: comparisons at `votes_per_min`, a tie with probability
+    `ties` and otherwise a win with the probability that makes the expected outcome the true win rate p; thumbs at
+    `thumbs.per_min`, split evenly between the versions at random."""
+
+    def __init__(self, p: float, ties: float, votes_per_min: float, thumbs: Thumbs, rng: random.Random) -> None:
+        if not ties / 2 <= p <= 1 - ties / 2:
+            raise ValueError(f"a win rate of {p} is impossible with {ties:.0%} ties")
+        self.ties, self.votes_per_min, self.thumbs, self.rng = ties, votes_per_min, thumbs, rng
+        self.win = (p - ties / 2) / (1 - ties) if ties < 1 else 0.0  # P(win | not a tie): the expected outcome is p
+        self.up = {"candidate": min(1.0, max(0.0, thumbs.up + thumbs.gap * (p - 0.5))), "production": thumbs.up}
+        self.evidence = Evidence()
+        self.thumbed = 0
+
+    def until(self, seconds: float) -> Evidence:
+        """The evidence once the test has run `seconds`."""
+        evidence, rng = self.evidence, self.rng
+        while len(evidence.comparisons) < int(self.votes_per_min * seconds / 60):
+            evidence.comparisons.append(0.5 if rng.random() < self.ties else float(rng.random() < self.win))
+        while self.thumbed < int(self.thumbs.per_min * seconds / 60):
+            version = rng.choice(("candidate", "production"))
+            arm = evidence.candidate_thumbs if version == "candidate" else evidence.production_thumbs
+            arm.append(float(rng.random() < self.up[version]))
+            self.thumbed += 1
+        return evidence
+
+
 def one_test(p: float, ties: float, votes_per_min: float, rules: ABRules, look_s: int, deadline_s: int,
              rng: random.Random, thumbs: Thumbs = Thumbs()) -> tuple[str, int, float]:
     """(outcome, votes, minute) of one simulated test: promote, reject (the users prefer production), futility
     or deadline."""
     test = ABTest(candidate="candidate", production="production", run_id="sim", started=0.0, deadline=deadline_s)
-    if not ties / 2 <= p <= 1 - ties / 2:
-        raise ValueError(f"a win rate of {p} is impossible with {ties:.0%} ties")
-    win = (p - ties / 2) / (1 - ties) if ties < 1 else 0.0  # P(win | not a tie): the expected outcome is p
-    up = {"candidate": min(1.0, max(0.0, thumbs.up + thumbs.gap * (p - 0.5))), "production": thumbs.up}
-    evidence = Evidence()
-    now, thumbed = 0.0, 0
+    voters = Voters(p, ties, votes_per_min, thumbs, rng)
+    now = 0.0
     while True:
         now += look_s
-        while len(evidence.comparisons) < int(votes_per_min * now / 60):
-            evidence.comparisons.append(0.5 if rng.random() < ties else float(rng.random() < win))
-        while thumbed < int(thumbs.per_min * now / 60):
-            version = rng.choice(("candidate", "production"))
-            arm = evidence.candidate_thumbs if version == "candidate" else evidence.production_thumbs
-            arm.append(float(rng.random() < up[version]))
-            thumbed += 1
+        evidence = voters.until(now)
         verdict, cause, _ = decide(evidence, test, now, rules)
         if verdict != "wait":
             return (cause if verdict == "reject" and cause != "evidence" else verdict), evidence.votes, now / 60

@@ -40,7 +40,7 @@ def adapter_dir(settings: Settings, version: str, dest: Path) -> Path | None:
 
 def ab_rules(settings: Settings) -> ABRules:
     return ABRules(min_votes=settings.ab_min_votes, max_votes_per_voter=settings.ab_max_votes_per_voter,
-                   confidence=settings.ab_confidence, futility=settings.ab_futility)
+                   confidence=settings.ab_confidence, futility=settings.ab_futility, hold=settings.ab_hold_win_rate)
 
 
 async def ab_evidence(redis: Redis, test: ABTest, max_votes_per_voter: int) -> tuple[str, Evidence]:
@@ -131,7 +131,7 @@ def enter_ab(settings: Settings, version: str, parent: str, run_id: str, queued:
         if not arun(settings, registry.promoted_since, parent, production):  # True when production is the parent
             return "superseded"
         undecided = ab is not None and ab["status"] == "ab_test"
-        if undecided and ab["win_rate"] > settings.ab_hold_win_rate:
+        if undecided and ab_rules(settings).holds(ab["win_rate"]):
             displaced = arun(settings, ab_tests.wait, ab_tests.Waiting(version, parent, run_id))
             if displaced is not None:
                 end_waiting(settings, displaced, f"superseded by {version} while it waited for the test of "

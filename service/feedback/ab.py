@@ -77,8 +77,15 @@ class ABRules:
     # as here; the service's is CHATLOOP_AB_FUTILITY)
     futility: float = 0.5
     thumb_weight: float = 0.5  # a thumb's weight against a comparison's in the pooled win rate
+    # An undecided test whose win rate so far is above this keeps its place when a newer candidate arrives (which
+    # then waits for it to end); 1: every newer candidate takes its place (the service's is CHATLOOP_AB_HOLD_WIN_RATE)
+    hold: float = 1.0
     bootstrap: int = 2000
     seed: int = 0
+
+    def holds(self, win_rate: float) -> bool:
+        """Whether an undecided test with this win rate so far keeps its place against a newer candidate."""
+        return win_rate > self.hold
 
     def interval(self, evidence: "Evidence") -> tuple[float, float, float]:
         """win_rate_interval at these rules' level, resamples, seed and thumb weight."""
