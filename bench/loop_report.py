@@ -122,20 +122,30 @@ def _heldout_votes(metrics: dict | None) -> str:
     return interval if pairs is None or interval == "–" else f"{interval}, {pairs} pair{'s' * (pairs != 1)}"
 
 
+def feature_seconds(result: dict) -> float | None:
+    """The machine's pace, measured in the run: seconds an answer for the reward model's base features, over all
+    its reward stages (the budget is wall-clock, so a slower machine starts fewer training runs in it)."""
+    metrics = [run.get("reward_metrics") or {} for run in result["runs"]]
+    answers = sum(m.get("reward/answers", 0) - m.get("reward/cached_answers", 0) for m in metrics)
+    return sum(m.get("reward/feature_seconds", 0.0) for m in metrics) / answers if answers else None
+
+
 def run_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         f, promoted = final(r), r["promotions"]
         base, last = r["policies"]["base"], r["policies"][f.version]
+        pace = feature_seconds(r)
         rows.append([
-            r["name"], str(len(promoted)), _minute(promoted[-1]["t"] if promoted else None),
+            r["name"], str(len(r["runs"])), "–" if pace is None else f"{pace:.2f}",
+            str(len(promoted)), _minute(promoted[-1]["t"] if promoted else None),
             f"{_score(base)} → {_score(last)}", f"{f.gain:+.3f} ± {f.gain_se:.3f}", f"{f.kl:.2f}",
             f"{base['length']:.1f} → {last['length']:.1f}", f"{base['eos']:.2f} → {last['eos']:.2f}",
             str(f.regressions),
         ])
-    return markdown_table(["run", "promoted", "minute of last", "held-out score (base → last)",
-                           "last − base (paired)", "KL (nats)", "length (base → last)", "EOS (base → last)",
-                           "promoted regressions"], rows)
+    return markdown_table(["run", "runs started", "RM features (s an answer)", "promoted", "minute of last",
+                           "held-out score (base → last)", "last − base (paired)", "KL (nats)", "length (base → last)",
+                           "EOS (base → last)", "promoted regressions"], rows)
 
 
 def _ab(ab: dict | None) -> str:

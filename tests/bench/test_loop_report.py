@@ -113,11 +113,14 @@ def ppo_seed0() -> dict:
         {"version": "v0002", "policy": policy([-0.1, 0.3, 0.3, 0.6], 1200.0, 1500, 8.0, 50.0, 0.20)},
     ], runs=[
         run_record("a1", "promoted", "v0001", ab={"votes": 120, "win_rate": 0.6, "ci95": [0.52, 0.68],
-                                                 "against": "base", "reason": "users prefer it: win rate 0.6"}),
+                                                 "against": "base", "reason": "users prefer it: win rate 0.6"},
+                   reward_metrics={"reward/answers": 200, "reward/cached_answers": 0, "reward/feature_seconds": 30.0}),
         run_record("a2", "rejected", None, gate_reasons=["KL to reference 17.30 nats is over the 12.0 budget"]),
         run_record("a3", "promoted", "v0002", reward_metrics={"reward/heldout_accuracy": 0.81,
                                                                "reward/heldout_accuracy_low": 0.74,
-                                                               "reward/heldout_accuracy_high": 0.88}),
+                                                               "reward/heldout_accuracy_high": 0.88,
+                                                               "reward/answers": 500, "reward/cached_answers": 200,
+                                                               "reward/feature_seconds": 45.0}),
     ], reward_models=[rm("a1", 700, (0.72, 0.65, 0.79), 0.4), rm("a3", 1400, (0.78, 0.72, 0.84), 0.64),
                       rm("a4", 2400, (0.85, 0.80, 0.90), 0.8)])
 
@@ -165,12 +168,13 @@ def test_tables_carry_the_hand_computed_figures():
     results = [ppo_seed0(), ppo_seed1(), ppo_concise(), kto_nothing_promoted()]
     text = report(results)
     assert "**promoted regressions: 1** across 4 run(s) (ppo-vader-s1 v0002 -0.100 ± 0.029 vs v0001)" in text
-    # per run: base -> last with SEs, the paired last - base, KL, length, EOS, regressions
+    # per run: runs started, the machine's pace (75 s of features for the 200 + 300 answers not cached: 0.15 s),
+    # base -> last with SEs, the paired last - base, KL, length, EOS, regressions
     assert rows(run_table(results), "ppo-vader-s0") == [
-        "| ppo-vader-s0 | 2 | 20.0 | 0.075 ± 0.111 → 0.275 ± 0.144 | +0.200 ± 0.058 | 8.00 | 60.0 → 50.0 "
+        "| ppo-vader-s0 | 3 | 0.15 | 2 | 20.0 | 0.075 ± 0.111 → 0.275 ± 0.144 | +0.200 ± 0.058 | 8.00 | 60.0 → 50.0 "
         "| 0.10 → 0.20 | 0 |"]
-    assert "| ppo-vader-s1 | 2 | 25.0 | 0.075 ± 0.111 → 0.525 ± 0.111 | +0.450 ± 0.000 | 10.00 |" in text
-    assert "| kto-vader-s0 | 0 | – | 0.075 ± 0.111 → 0.075 ± 0.111 | +0.000 ± 0.000 | 0.00 |" in text
+    assert "| ppo-vader-s1 | 1 | – | 2 | 25.0 | 0.075 ± 0.111 → 0.525 ± 0.111 | +0.450 ± 0.000 | 10.00 |" in text
+    assert "| kto-vader-s0 | 1 | – | 0 | – | 0.075 ± 0.111 → 0.075 ± 0.111 | +0.000 ± 0.000 | 0.00 |" in text
     # per version: the step against its predecessor, the A/B that promoted it, the run's RM on held-out votes
     versions = version_table(results)
     assert ("| ppo-vader-s0 | v0001 | 10.0 | 700 | 0.325 ± 0.125 | +0.250 ± 0.029 vs base | 4.00 | 58.0 | 0.15 "
