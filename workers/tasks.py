@@ -146,8 +146,9 @@ def enter_ab(settings: Settings, version: str, parent: str, run_id: str, queued:
                             ab={**ab, "cause": "superseded",
                                 "reason": f"superseded by {version} before the evidence decided"})
         if started:
-            older = None if queued else arun(settings, ab_tests.waiting)
-            if older is not None and arun(settings, ab_tests.clear_waiting, older.candidate):
+            older = None if queued else arun(settings, ab_tests.waiting)  # (itself, for a redelivered stage)
+            if older is not None and arun(settings, ab_tests.clear_waiting, older.candidate) and older != (
+                    version, parent, run_id):
                 end_waiting(settings, older, f"superseded by {version}, trained later, while it waited for its turn")
             arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
             return "ab_test"

@@ -109,3 +109,17 @@ def test_the_waiting_slot_is_cleared_only_by_its_own_candidate(redis_url):
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_a_redelivered_stage_of_a_waiting_candidate_starts_its_test_without_superseding_it(redis_url, redis_sync,
+                                                                                          tiny_adapter_dir):
+    settings = settings_for(redis_url)
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True, True, False]))
+    newer = register(redis_url, tiny_adapter_dir)
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_waiting"
+    asyncio.run(votes(redis_url, test, [False] * 9, voter="key:late"))
+    assert settle_ab(settings)["status"] == "rejected"
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_test"  # the promote stage, delivered again
+    assert asyncio.run(active(redis_url)).candidate == newer and waiting(redis_url) is None
+    assert (run(redis_url, "run2") or {}).get("status") != "superseded"
