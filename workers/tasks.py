@@ -134,31 +134,31 @@ def enter_ab(settings: Settings, version: str, parent: str, run_id: str, queued:
         if undecided and ab_rules(settings).holds(ab["win_rate"]):
             displaced = arun(settings, ab_tests.wait, ab_tests.Waiting(version, parent, run_id))
             if displaced is not None:
-                end_waiting(settings, displaced, f"superseded by {version} while it waited for the test of "
-                                                 f"{running.candidate}")
+                supersede(settings, displaced.run_id, f"superseded by {version} while it waited for the test of "
+                                                      f"{running.candidate}")
             return "ab_waiting"
         test = ABTest(candidate=version, production=production, run_id=run_id, started=time.time(),
                       deadline=time.time() + settings.ab_deadline_s)
         if not undecided:
             started = arun(settings, ab_tests.start, test)
         elif started := arun(settings, ab_tests.replace, running.candidate, test):
-            runs.update_run(runs.client(settings), running.run_id, status="superseded", finished=time.time(),
-                            ab={**ab, "cause": "superseded",
-                                "reason": f"superseded by {version} before the evidence decided"})
+            supersede(settings, running.run_id, f"superseded by {version} before the evidence decided", ab)
         if started:
             older = None if queued else arun(settings, ab_tests.waiting)  # (itself, for a redelivered stage)
             if older is not None and arun(settings, ab_tests.clear_waiting, older.candidate) and older != (
                     version, parent, run_id):
-                end_waiting(settings, older, f"superseded by {version}, trained later, while it waited for its turn")
+                supersede(settings, older.run_id,
+                          f"superseded by {version}, trained later, while it waited for its turn")
             arun(settings, registry.announce, version)  # replicas merge it now: the promotion will be a flip
             return "ab_test"
     return "rejected"
 
 
-def end_waiting(settings: Settings, entry: ab_tests.Waiting, reason: str) -> None:
-    """Record that a waiting candidate will not be tested: a newer one took its place."""
-    runs.update_run(runs.client(settings), entry.run_id, status="superseded", finished=time.time(),
-                    ab={"votes": 0, "cause": "superseded", "reason": reason})
+def supersede(settings: Settings, run_id: str, reason: str, evidence: dict | None = None) -> None:
+    """End a run whose candidate a newer one replaced, in its test (with the evidence it had) or while it waited
+    for one (no votes)."""
+    ab = {**(evidence or {"votes": 0}), "cause": "superseded", "reason": reason}
+    runs.update_run(runs.client(settings), run_id, status="superseded", finished=time.time(), ab=ab)
 
 
 def start_waiting(settings: Settings) -> str | None:
