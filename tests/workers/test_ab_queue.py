@@ -5,6 +5,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
+from service.feedback.ab import ABTest
 from service.store import ab_tests, registry, runs
 from tests.workers.test_ab_gate import active, register, registry_call, settings_for, start, votes
 from workers.tasks import enter_ab, settle_ab, start_waiting
@@ -18,13 +19,19 @@ def run(redis_url: str, run_id: str) -> dict:
     return runs.get_run(runs.client(settings_for(redis_url)), run_id)
 
 
+def waiting_behind_a_leading_test(redis_url: str, tiny_adapter_dir, settings) -> tuple[ABTest, str]:
+    """(the running test, leading at 0.67 on 3 votes of the 6 a verdict needs; the candidate of run2, waiting)."""
+    test = asyncio.run(start(redis_url, tiny_adapter_dir))
+    asyncio.run(votes(redis_url, test, [True, True, False]))
+    newer = register(redis_url, tiny_adapter_dir)
+    assert enter_ab(settings, newer, test.production, "run2") == "ab_waiting"
+    return test, newer
+
+
 def test_a_leading_test_keeps_its_place_and_the_newest_candidate_waits_its_turn(redis_url, redis_sync,
                                                                                  tiny_adapter_dir):
     settings = settings_for(redis_url)
-    test = asyncio.run(start(redis_url, tiny_adapter_dir))
-    asyncio.run(votes(redis_url, test, [True, True, False]))  # 0.67 so far, 3 votes of the 6 needed: undecided
-    second = register(redis_url, tiny_adapter_dir)
-    assert enter_ab(settings, second, test.production, "run2") == "ab_waiting"
+    test, second = waiting_behind_a_leading_test(redis_url, tiny_adapter_dir, settings)
     assert asyncio.run(active(redis_url)).candidate == test.candidate  # the test goes on
     assert waiting(redis_url) == (second, test.production, "run2")
     assert enter_ab(settings, second, test.production, "run2") == "ab_waiting"  # a redelivered stage: no change
@@ -72,10 +79,7 @@ def test_a_hold_of_one_lets_every_newer_candidate_take_the_tests_place(redis_url
 def test_a_candidate_arriving_when_the_test_ends_goes_before_the_older_waiting_one(redis_url, redis_sync,
                                                                                    tiny_adapter_dir):
     settings = settings_for(redis_url)
-    test = asyncio.run(start(redis_url, tiny_adapter_dir))
-    asyncio.run(votes(redis_url, test, [True, True, False]))
-    older = register(redis_url, tiny_adapter_dir)
-    assert enter_ab(settings, older, test.production, "run2") == "ab_waiting"
+    test, _ = waiting_behind_a_leading_test(redis_url, tiny_adapter_dir, settings)
     asyncio.run(votes(redis_url, test, [False] * 9, voter="key:late"))  # the users turn against it; nobody looked
     newest = register(redis_url, tiny_adapter_dir)
     assert enter_ab(settings, newest, test.production, "run3") == "ab_test"  # settles the test, then starts its own
@@ -85,10 +89,7 @@ def test_a_candidate_arriving_when_the_test_ends_goes_before_the_older_waiting_o
 
 def test_a_waiting_candidate_is_not_tested_after_an_operators_rollback(redis_url, redis_sync, tiny_adapter_dir):
     settings = settings_for(redis_url)
-    test = asyncio.run(start(redis_url, tiny_adapter_dir))
-    asyncio.run(votes(redis_url, test, [True, True, False]))
-    newer = register(redis_url, tiny_adapter_dir)
-    assert enter_ab(settings, newer, test.production, "run2") == "ab_waiting"
+    waiting_behind_a_leading_test(redis_url, tiny_adapter_dir, settings)
     registry_call(redis_url, registry.rollback)()  # production goes back past the waiting candidate's parent
     assert settle_ab(settings)["cause"] == "production changed"
     assert start_waiting(settings) == "superseded" and asyncio.run(active(redis_url)) is None
@@ -114,10 +115,7 @@ def test_the_waiting_slot_is_cleared_only_by_its_own_candidate(redis_url):
 def test_a_redelivered_stage_of_a_waiting_candidate_starts_its_test_without_superseding_it(redis_url, redis_sync,
                                                                                           tiny_adapter_dir):
     settings = settings_for(redis_url)
-    test = asyncio.run(start(redis_url, tiny_adapter_dir))
-    asyncio.run(votes(redis_url, test, [True, True, False]))
-    newer = register(redis_url, tiny_adapter_dir)
-    assert enter_ab(settings, newer, test.production, "run2") == "ab_waiting"
+    test, newer = waiting_behind_a_leading_test(redis_url, tiny_adapter_dir, settings)
     asyncio.run(votes(redis_url, test, [False] * 9, voter="key:late"))
     assert settle_ab(settings)["status"] == "rejected"
     assert enter_ab(settings, newer, test.production, "run2") == "ab_test"  # the promote stage, delivered again
