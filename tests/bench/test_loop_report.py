@@ -15,20 +15,17 @@ from bench.loop_report import (
     RM_ACCURACY,
     RM_VOTES,
     TARGET_GAIN,
-    final,
-    groups,
-    load_results,
     ppo_vader_targets,
     report,
     reward_accuracy_target,
     reward_table,
     run_table,
-    seed_summaries,
     seed_table,
     target_table,
     targets,
     version_table,
 )
+from bench.loop_results import final, groups, load_results, seed_summaries
 from rlhf.config import EvalConfig
 
 
