@@ -19,6 +19,7 @@ Pure CPU, a few minutes on 2 cores.
 """
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -89,7 +90,7 @@ def settle(d: Deployment, now_s: float, rules: ABRules) -> float | None:
 def one_deployment(stream: Stream, rules: ABRules, minutes: float, look_s: int, deadline_s: int,
                    rng: random.Random) -> Deployment:
     d = Deployment()
-    arrivals = iter(range(1, 10**6))
+    arrivals = itertools.count(1)
     next_arrival = stream.every
     for now_s in range(look_s, int(minutes * 60) + 1, look_s):
         running = settle(d, now_s, rules)
@@ -101,14 +102,14 @@ def one_deployment(stream: Stream, rules: ABRules, minutes: float, look_s: int, 
             parent = d.production_at(next_arrival - stream.every)
             d.quality[version] = d.quality[parent] + rng.gauss(stream.gain, stream.spread)
             next_arrival += stream.every
-            if d.test is not None and running is not None and rules.holds(running):
+            if running is not None and rules.holds(running):  # the running test's win rate so far
                 d.counts["waited"] += 1
                 d.counts["displaced"] += d.waiting is not None
                 d.waiting = version
                 continue
             d.counts["gave way"] += d.test is not None
             start(d, version, now_s, deadline_s, stream, rng)
-            running = 0.5
+            running = 0.5  # the new test has no votes yet
     return d
 
 
