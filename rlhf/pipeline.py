@@ -113,8 +113,14 @@ def train_policy(
 
 def untrained_reason(algorithm: str, history: list[dict], gate_max_kl: float) -> str | None:
     """Why a PPO run left its adapter as it started (every iteration stopped before its first optimiser step: its
-    starting policy had no KL room left), or None if it trained. Such a candidate is its parent: nothing to test."""
-    if algorithm != "ppo" or any(h.get("ppo/steps", 0) for h in history):
+    starting policy had no KL room left; or the run ended past the budget and was pulled back all the way), or None
+    if it trained. Such a candidate is its parent: nothing to test."""
+    if algorithm != "ppo":
+        return None
+    if history and history[-1].get("ppo/budget_scale") == 0.0:
+        return (f"pulled back to its start: every step it took ended past the gate's budget of {gate_max_kl:g} nats "
+                f"(last measured {history[-1]['ppo/budget_kl']:.1f})")
+    if any(h.get("ppo/steps", 0) for h in history):
         return None
     start_kl = next((h["ppo/start_kl"] for h in history if "ppo/start_kl" in h), None)
     where = f"already {start_kl:.1f} nats from the reference" if start_kl is not None else "at its KL budget"

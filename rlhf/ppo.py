@@ -41,6 +41,7 @@ from rlhf.modeling import (
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    budget_scale,
     compute_rewards,
     entropy_from_logits,
     gae,
@@ -56,6 +57,10 @@ from rlhf.ppo_math import (
     whiten,
 )
 from rlhf.rollout import RewardFn, Rollouts, ValueHead, forward_answers, generate
+
+# Where a run pulled back past the gate's KL budget aims (ppo.fit_budget): this share of the room its start left,
+# not the budget's edge, since the gate measures on other samples than the run's own measure
+BUDGET_AIM = 0.9
 
 
 @dataclass(frozen=True)
@@ -126,23 +131,66 @@ class PPOTrainer:
         neighbour of it (rlhf.data.FeedbackData.served). They make the first iteration's batch instead of fresh
         samples: free rollouts, often many more than one batch. kl_limit: the most nats per answer a candidate may
         end from the reference (the gate's budget, GateConfig.max_kl); the contrast's stop leaves room for the
-        starting policy's own distance (step_served)."""
+        starting policy's own distance (step_served), and a run that still ends past it is pulled back (fit_budget:
+        the last iteration's stats gain ppo/budget_kl, ppo/budget_scale and ppo/budget_trials)."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
             raise ValueError(f"batch_size {self.config.batch_size} is not a multiple of group_size {group}")
+        start, start_at_reference = [p.detach().clone() for p in self.params], self.at_reference
         for iteration in range(1, iterations + 1):
             if iteration == 1 and served:
                 history.append(self.step_served(served, kl_limit))
             else:
-                k = self.config.batch_size // group
-                pool = self.rng.sample(prompt_pool, k) if len(prompt_pool) >= k else self.rng.choices(prompt_pool, k=k)
-                history.append(self.step([p for p in pool for _ in range(group)]))
+                history.append(self.step(self.draw_prompts(prompt_pool)))
             if progress is not None:
                 progress(iteration, history[-1])
             if history[-1].get("ppo/over_max_kl"):
                 break
+        if kl_limit < float("inf") and self.config.budget_trials and any(h.get("ppo/steps") for h in history):
+            history[-1] |= self.fit_budget(start, start_at_reference, history, prompt_pool, kl_limit)
         return history
+
+    def fit_budget(
+        self, start: list[torch.Tensor], start_at_reference: bool, history: list[dict[str, float]],
+        prompt_pool: list[Messages], kl_limit: float,
+    ) -> dict[str, float]:
+        """A run that trained, measured on a fresh batch of its own samples as the gate measures it (or on the batch
+        its last iteration measured and stopped before), and if it is further than kl_limit from the reference,
+        pulled back along its own step: parameters start + f * (end - start), f aimed at BUDGET_AIM of the room
+        the start left (ppo_math.budget_scale, from the start's distance and the measures so far), then measured
+        again, up to config.budget_trials times; still over, the policy is the start again (f 0). The start's
+        distance is the served iteration's start_kl, or the first fresh batch's own measure. Returns the last
+        measure (ppo/budget_kl: of the policy the run ends with, unless f is 0), f and the measures taken."""
+        end = [p.detach().clone() for p in self.params]
+        measured = history[-1]["objective/kl"] if history[-1].get("ppo/over_max_kl") else self.measure_distance(
+            prompt_pool)
+        start_kl = 0.0 if start_at_reference else history[0].get("ppo/start_kl", history[0]["objective/kl"])
+        target = start_kl + BUDGET_AIM * (kl_limit - start_kl)
+        measures = [(1.0, measured)]
+        scale, trials = 1.0, 0
+        while measured > kl_limit and scale > 0:
+            scale = budget_scale(start_kl, measures, target) if trials < self.config.budget_trials else 0.0
+            with torch.no_grad():
+                for p, a, b in zip(self.params, start, end, strict=True):
+                    p.copy_(a + scale * (b - a))
+            self.at_reference = start_at_reference and scale == 0
+            if scale > 0:
+                measured, trials = self.measure_distance(prompt_pool), trials + 1
+                measures.append((scale, measured))
+        return {"ppo/budget_kl": measured, "ppo/budget_scale": scale, "ppo/budget_trials": float(trials)}
+
+    def measure_distance(self, prompt_pool: list[Messages]) -> float:
+        """The policy's KL to the reference, nats per answer, on a fresh batch of its own samples (the gate's
+        measure), drawn as a fresh iteration draws its prompts."""
+        return sample_distance(self.sample(self.draw_prompts(prompt_pool)))
+
+    def draw_prompts(self, prompt_pool: list[Messages]) -> list[Messages]:
+        """A fresh batch's prompts: batch_size / group_size drawn from the pool, each group_size times."""
+        group = self.config.group_size
+        k = self.config.batch_size // group
+        pool = self.rng.sample(prompt_pool, k) if len(prompt_pool) >= k else self.rng.choices(prompt_pool, k=k)
+        return [p for p in pool for _ in range(group)]
 
     def step(self, prompts: list[Messages]) -> dict[str, float]:
         """One PPO iteration on fresh samples, one answer per entry of prompts (with group_size > 1: consecutive
@@ -186,11 +234,11 @@ class PPOTrainer:
         votes = torch.tensor([s.vote for s in served], device=self.device)
         shape = step_shape(self.config, self.kl_ctl.value, served=True)
         rollouts = self.recompute(prompts, answer_ids, batch)
-        room = {}
+        start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served)
+        room = {"ppo/start_kl": start_kl}
         if shape.max_kl < float("inf"):  # the contrast with its stop: the nearer of the two
-            start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served)
             shape = replace(shape, max_kl=max(0.0, min(shape.max_kl, kl_limit - start_kl)))
-            room = {"ppo/start_kl": start_kl, "ppo/kl_room": shape.max_kl}
+            room["ppo/kl_room"] = shape.max_kl
         stats = self.update(rollouts, groups, shape, votes)
         on_policy = float(sum(s.on_policy for s in served))
         return stats | room | {"time/generate_s": 0.0, "ppo/served": float(len(served)),

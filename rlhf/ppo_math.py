@@ -228,3 +228,23 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+
+def budget_scale(start_kl: float, measures: list[tuple[float, float]], target_kl: float) -> float:
+    """The fraction f of a step (parameters start + f * (end - start)) expected to end target_kl nats from the
+    reference, from the start's distance and the (f, nats) measured so far along it, the last the latest. The model is
+    start_kl + c * f**p: c through the last measure; p through the last two (clamped to [1, 4]: a KL grows with
+    the square of a small step and more slowly once the policy saturates), or 2 with one measure. 1 when the last
+    measure is within target_kl; 0 when start_kl is not."""
+    f, kl = measures[-1]
+    if kl <= target_kl:
+        return 1.0
+    if start_kl >= target_kl:
+        return 0.0
+    power = 2.0
+    if len(measures) > 1:
+        f0, kl0 = measures[-2]
+        if kl0 > start_kl and f0 != f:
+            power = min(4.0, max(1.0, math.log((kl0 - start_kl) / (kl - start_kl)) / math.log(f0 / f)))
+    return f * ((target_kl - start_kl) / (kl - start_kl)) ** (1 / power)

@@ -228,6 +228,11 @@ class Settings(BaseSettings):
         "answers for its reward model to score only when that model's held-out pair accuracy has a 95 % lower bound "
         "above this (it is better than chance); otherwise it trains on the served answers alone. 0: always.",
     )
+    ppo_budget_trials: int = Field(
+        PPOConfig.budget_trials, ge=0, description="A PPO run that ends past the gate's KL budget (gate_max_kl), on "
+        "a fresh batch of its own samples, is pulled back along its own step and measured again, up to this many "
+        "times; still over, it ends where it started. 0: never (the gate refuses it).",
+    )
     offline_lr: float = Field(OfflineConfig.lr, gt=0, description="Policy learning rate of DPO/KTO.")
     offline_epochs: int = Field(OfflineConfig.epochs, ge=1, description="DPO/KTO epochs over their window.")
     offline_window: int = Field(

@@ -1,11 +1,12 @@
-"""What several rlhf tests share: prompts, a fast reward-model config, a saved reward model, and logprobs
-computed independently of the code under test."""
+"""What several rlhf tests share: prompts, a fast reward-model config, a saved reward model, a small PPO config and
+served answers to it, and logprobs computed independently of the code under test."""
 
 from pathlib import Path
 
 import torch
 
-from rlhf.config import RewardConfig
+from rlhf.config import LoraSettings, PPOConfig, RewardConfig
+from rlhf.data import Served
 from rlhf.modeling import TokenBatch, forward, load_base, token_logprobs
 from rlhf.reward import RewardHead, RewardModel
 
@@ -31,3 +32,16 @@ def make_reward_model(model_dir: Path, out: Path, seed: int = 7, metadata: dict 
     model = RewardModel(head, FAST, str(load_base(model_dir)[0].name_or_path))
     model.calibrate(torch.tensor([-1.0, 0.5, 2.0]))
     return model.save(out, metadata)
+
+
+def six_comparisons() -> list[Served]:
+    """12 served answers to 6 conversations: answer i is to prompt i % 6, the first six voted up, the rest down."""
+    return [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
+
+
+def tiny_config(**overrides) -> PPOConfig:
+    settings = dict(
+        batch_size=16, minibatch_size=8, epochs=4, lr=3e-3, max_new_tokens=8, temperature=0.1, kl_coef=0.05,
+        missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16), precision="fp32",  # exact comparisons
+    )
+    return PPOConfig(**settings | overrides)

@@ -16,7 +16,7 @@ from rlhf.rollout import Rollouts, cut_at_eos
 from service.engine.model import resolve_base_model
 from service.settings import Settings
 from tests.models import make_adapter
-from tests.rlhf.helpers import PROMPTS, answer_logprobs
+from tests.rlhf.helpers import PROMPTS, answer_logprobs, six_comparisons, tiny_config
 
 STAT_KEYS = {
     "objective/score", "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
@@ -29,19 +29,6 @@ STAT_KEYS = {
 def tiny_base(tiny_model_dir: Path):
     """A fresh tiny base per test (the trainer wraps it in place)."""
     return load_base(tiny_model_dir)
-
-
-def six_comparisons() -> list[Served]:
-    """12 served answers to 6 conversations: answer i is to prompt i % 6, the first six voted up, the rest down."""
-    return [Served(p, f"answer {i}", ended=True, vote=1.0 - 2 * (i >= 6)) for i, p in enumerate(PROMPTS[:6] * 2)]
-
-
-def tiny_config(**overrides) -> PPOConfig:
-    settings = dict(
-        batch_size=16, minibatch_size=8, epochs=4, lr=3e-3, max_new_tokens=8, temperature=0.1, kl_coef=0.05,
-        missing_eos_penalty=None, lora=LoraSettings(r=8, alpha=16), precision="fp32",  # exact comparisons
-    )
-    return PPOConfig(**settings | overrides)
 
 
 def family_reward(model: torch.nn.Module):

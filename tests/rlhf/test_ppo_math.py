@@ -9,6 +9,7 @@ import torch
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    budget_scale,
     compute_rewards,
     entropy_from_logits,
     gae,
@@ -314,3 +315,21 @@ def test_minibatch_order_is_shuffled():
         torch.manual_seed(seed)
         orders.add(tuple(groups[torch.cat(minibatches(12, 4, groups))].tolist()))
     assert len(orders) > 1
+
+
+
+@pytest.mark.parametrize("start, measures, target, scale", [
+    (10.0, [(1.0, 26.0)], 12.0, math.sqrt(2 / 16)),  # 2 nats of room, a step that went 16 further: sqrt(1/8) of it
+    (0.0, [(1.0, 16.0)], 4.0, 0.5),  # from the reference, KL grows with the square of the step: half the step
+    # two measures: 16 at f 1 and 4 at f 1/2 say p = 2 (c = 16), so 1 nat is at f = 1/4
+    (0.0, [(1.0, 16.0), (0.5, 4.0)], 1.0, 0.25),
+    # 16 then 8: p = 1, so 2 nats is at f = 1/8; 16 then 15 would say p = 0.09, clamped to 1: f = 0.5 * 2 / 15
+    (0.0, [(1.0, 16.0), (0.5, 8.0)], 2.0, 0.125),
+    (0.0, [(1.0, 16.0), (0.5, 15.0)], 2.0, 0.5 * 2 / 15),
+    # 17 then 2 (from a start 1 out): p = log(16) / log(2) = 4, so 1.5 nats is at 0.5 * (0.5 / 1) ** (1 / 4)
+    (1.0, [(1.0, 17.0), (0.5, 2.0)], 1.5, 0.5 * 0.5 ** 0.25),
+    (3.0, [(1.0, 9.0)], 9.0, 1.0),  # within the target: the whole step
+    (12.5, [(1.0, 20.0)], 12.0, 0.0),  # the start is already past it: none
+])
+def test_budget_scale_is_the_step_fraction_where_the_fitted_kl_meets_the_target(start, measures, target, scale):
+    assert budget_scale(start, measures, target) == pytest.approx(scale)

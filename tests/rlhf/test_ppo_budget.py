@@ -1,0 +1,69 @@
+"""A PPO run that ends past the gate's KL budget is pulled back along its own step (PPOTrainer.fit_budget), on the
+tiny random Llama at temperature 0.1, where one contrast step at lr 5e-2 moves the policy about 13 nats."""
+
+import torch
+
+from rlhf.modeling import load_base
+from rlhf.pipeline import untrained_reason
+from rlhf.ppo import PPOTrainer
+from tests.models import make_adapter
+from tests.rlhf.helpers import PROMPTS, six_comparisons, tiny_config
+
+
+def contrast_run(model_dir, budget_trials: int, kl_limit: float) -> tuple[PPOTrainer, list[torch.Tensor], dict]:
+    """A fresh adapter's contrast on six comparisons, one step at lr 5e-2 (the room kl_limit leaves stops it there):
+    the trainer, its parameters before the run, and the run's last stats."""
+    base, tokenizer = load_base(model_dir)
+    config = tiny_config(minibatch_size=2, lr=5e-2, served_step="contrast", max_kl=1e6, budget_trials=budget_trials)
+    trainer = PPOTrainer(base, tokenizer, None, config)
+    start = [p.detach().clone() for p in trainer.params]
+    torch.manual_seed(0)
+    [stats] = trainer.train(PROMPTS, 1, served=six_comparisons(), kl_limit=kl_limit)
+    return trainer, start, stats
+
+
+def test_a_run_past_the_budget_is_pulled_back_along_its_own_step(tiny_model_dir):
+    """Without the fit the step ends far past a 2-nat budget; with it the policy is start + f * (end - start) for
+    an f in (0, 1), the same step shortened, and its last measure (the policy it ends with) is within the budget."""
+    unfitted, start, stats = contrast_run(tiny_model_dir, budget_trials=0, kl_limit=2.0)
+    assert stats["ppo/steps"] == 1 and "ppo/budget_scale" not in stats
+    assert unfitted.measure_distance(PROMPTS) > 2.0 * 2  # the problem: one step went far past the budget
+    end = [p.detach().clone() for p in unfitted.params]
+
+    trainer, fitted_start, stats = contrast_run(tiny_model_dir, budget_trials=3, kl_limit=2.0)
+    f = stats["ppo/budget_scale"]
+    assert 0 < f < 1 and 1 <= stats["ppo/budget_trials"] <= 3
+    assert stats["ppo/budget_kl"] <= 2.0
+    for p, a, b, a2 in zip(trainer.params, start, end, fitted_start, strict=True):
+        torch.testing.assert_close(a2, a)  # both runs started from the same adapter
+        torch.testing.assert_close(p.detach(), a + f * (b - a))
+    assert not trainer.at_reference
+    assert untrained_reason("ppo", [stats], 2.0) is None
+
+
+def test_a_run_within_the_budget_keeps_its_step(tiny_model_dir):
+    """A budget far beyond the step: one measure, f 1, the parameters exactly those of a run without the fit."""
+    unfitted, _, _ = contrast_run(tiny_model_dir, budget_trials=0, kl_limit=1e6)
+    trainer, _, stats = contrast_run(tiny_model_dir, budget_trials=3, kl_limit=1e6)
+    assert stats["ppo/budget_scale"] == 1.0 and stats["ppo/budget_trials"] == 0.0
+    for p, q in zip(trainer.params, unfitted.params, strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_start_already_past_the_budget_ends_where_it_started(tiny_model_dir, tmp_path):
+    """From an adapter about 20 nats out, a clipped served step (no room to respect) against a 5-nat budget: no
+    fraction of the step can bring it within, so the policy is its start again and the run counts as untrained."""
+    base, tokenizer = load_base(tiny_model_dir)
+    adapter_dir = make_adapter(tiny_model_dir, tmp_path / "prod", seed=3)
+    config = tiny_config(minibatch_size=2, lr=5e-2, served_step="clipped", budget_trials=3)
+    trainer = PPOTrainer(base, tokenizer, None, config, init_adapter_dir=adapter_dir)
+    start = [p.detach().clone() for p in trainer.params]
+    # answers another version wrote: the start's distance is then measured on fresh samples of its own
+    served = [s._replace(on_policy=False) for s in six_comparisons()]
+    history = trainer.train(PROMPTS, 1, served=served, kl_limit=5.0)
+    stats = history[-1]
+    assert stats["ppo/steps"] > 0 and stats["ppo/budget_kl"] > 5.0
+    assert stats["ppo/budget_scale"] == 0.0 and stats["ppo/budget_trials"] == 0.0
+    for p, a in zip(trainer.params, start, strict=True):
+        assert torch.equal(p.detach(), a)
+    assert "pulled back to its start" in untrained_reason("ppo", history, 5.0)
