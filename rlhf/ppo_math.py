@@ -230,16 +230,15 @@ class AdaptiveKLController:
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
 
-
 def budget_scale(start_kl: float, measures: list[tuple[float, float]], target_kl: float) -> float:
     """The fraction f of a step (parameters start + f * (end - start)) expected to end target_kl nats from the
     reference, from the start's distance and the (f, nats) measured so far along it, the last the latest. The model is
     start_kl + c * f**p: c through the last measure; p through the last two (clamped to [1, 4]: a KL grows with
-    the square of a small step and more slowly once the policy saturates), or 2 with one measure. 1 when the last
-    measure is within target_kl; 0 when start_kl is not."""
+    the square of a small step and more slowly once the policy saturates), or 2 with one measure. The last measure's
+    own f when it is within target_kl; 0 when start_kl is not."""
     f, kl = measures[-1]
     if kl <= target_kl:
-        return 1.0
+        return f
     if start_kl >= target_kl:
         return 0.0
     power = 2.0

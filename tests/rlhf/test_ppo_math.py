@@ -329,6 +329,7 @@ def test_minibatch_order_is_shuffled():
     # 17 then 2 (from a start 1 out): p = log(16) / log(2) = 4, so 1.5 nats is at 0.5 * (0.5 / 1) ** (1 / 4)
     (1.0, [(1.0, 17.0), (0.5, 2.0)], 1.5, 0.5 * 0.5 ** 0.25),
     (3.0, [(1.0, 9.0)], 9.0, 1.0),  # within the target: the whole step
+    (3.0, [(1.0, 20.0), (0.4, 8.0)], 9.0, 0.4),  # or as much of it as was last measured within
     (12.5, [(1.0, 20.0)], 12.0, 0.0),  # the start is already past it: none
 ])
 def test_budget_scale_is_the_step_fraction_where_the_fitted_kl_meets_the_target(start, measures, target, scale):
