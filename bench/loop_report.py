@@ -279,6 +279,9 @@ def outcomes(result: dict) -> str:
             reasons = [*(x.get("gate_reasons") or []), *([f"A/B: {x['ab']['reason']}"] if x.get("ab") else []),
                        *([x["error"]] if x.get("error") else [])]
             why += [reason for reason in reasons if reason not in why]
+    # runs that ended past the gate's KL budget and were pulled back along their step (rlhf.ppo fit_budget)
+    pulled = [f"{x.get('candidate') or 'one'} to f {p['ppo/budget_scale']:.2f} ({p['ppo/budget_kl']:.1f} nats)"
+              for x in result["runs"] if (p := x.get("policy") or {}).get("ppo/budget_scale", 1.0) < 1.0]
     users = result.get("users") or {}
     load = result.get("load") or {}
     loads = (f"; load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
@@ -287,6 +290,7 @@ def outcomes(result: dict) -> str:
             f"{users.get('feedback_events', '?')} feedback events; {result['policies']['base']['n']} held-out "
             f"answers per policy): {len(result['runs'])} training run(s)"
             + (": " + ", ".join(f"{n} {status}" for status, n in statuses.items()) if statuses else "")
+            + (f". Pulled back within the KL budget: {', '.join(pulled)}" if pulled else "")
             + (f". Not promoted because: {'; '.join(why)}" if why else ""))
 
 

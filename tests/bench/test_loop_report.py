@@ -113,7 +113,8 @@ def ppo_seed0() -> dict:
                                                  "against": "base", "reason": "users prefer it: win rate 0.6"},
                    reward_metrics={"reward/answers": 200, "reward/cached_answers": 0, "reward/feature_seconds": 30.0}),
         run_record("a2", "rejected", None, gate_reasons=["KL to reference 17.30 nats is over the 12.0 budget"]),
-        run_record("a3", "promoted", "v0002", reward_metrics={"reward/heldout_accuracy": 0.81,
+        run_record("a3", "promoted", "v0002", policy={"ppo/budget_scale": 0.42, "ppo/budget_kl": 10.93},
+                   reward_metrics={"reward/heldout_accuracy": 0.81,
                                                                "reward/heldout_accuracy_low": 0.74,
                                                                "reward/heldout_accuracy_high": 0.88,
                                                                "reward/answers": 500, "reward/cached_answers": 200,
@@ -190,7 +191,8 @@ def test_tables_carry_the_hand_computed_figures():
     assert ("| ppo-vader-s0 | a3 | 14.0 | 1,400 | 0.78 [0.72, 0.84] (300 pairs) | +0.160 / +0.250 (64 %) "
             "| +0.100 / +0.340 (29 %) | 0.81 [0.74, 0.88] |") in reward_table(results)
     # what each run's training runs came to, and why the unpromoted ones were not
-    assert "3 training run(s): 2 promoted, 1 rejected. Not promoted because: KL to reference 17.30 nats" in text
+    assert ("3 training run(s): 2 promoted, 1 rejected. Pulled back within the KL budget: v0002 to f 0.42 (10.9 "
+            "nats). Not promoted because: KL to reference 17.30 nats") in text
     assert "4 held-out answers per policy): 1 training run(s): 1 promoted\n" in text
     assert "1 training run(s): 1 failed. Not promoted because: train: boom\n" in text
 
