@@ -37,13 +37,17 @@ from workers.config import config_from_settings
 PRODUCTION = "production (from the base, first half)"
 UNFITTED = "candidate from production, not pulled back"
 FITTED = "candidate from production (default: pulled back)"
-FIT_HEADER = ["run", "start KL", "steps", "end KL (its own measure)", "f", "measures", "train s"]
+FIT_HEADER = ["run", "start KL", "steps", "end KL (its own measure)", "f", "measures after the first", "train s"]
 
 
 def comparisons(pairs: list, ended: dict[str, bool], on_policy: bool) -> list[Served]:
     """Both answers of each comparison as served answers: +1 chosen, -1 rejected."""
     return [Served(p.prompt, text, ended[text], vote, on_policy)
             for p in pairs for text, vote in ((p.chosen, 1.0), (p.rejected, -1.0))]
+
+
+def _measure(stats: dict[str, float]) -> str:
+    return f"{stats['ppo/budget_kl']:.1f} ± {stats['ppo/budget_kl_se']:.1f}" if "ppo/budget_kl" in stats else "–"
 
 
 def main() -> None:
@@ -84,7 +88,7 @@ def main() -> None:
         if name == PRODUCTION:
             productions[seed] = out
         fits.append([run, f"{stats['ppo/start_kl']:.1f}", f"{stats['ppo/steps']:.0f}",
-                     f"{stats.get('ppo/budget_kl', float('nan')):.1f}", f"{stats.get('ppo/budget_scale', 1.0):.2f}",
+                     _measure(stats), f"{stats.get('ppo/budget_scale', 1.0):.2f}",
                      f"{stats.get('ppo/budget_trials', 0.0):.0f}", f"{seconds:.0f}"])
         print(f"  {fits[-1]}", flush=True)
         return seconds
@@ -92,8 +96,9 @@ def main() -> None:
     heldout = load_prompts(split="heldout")
     table = compare_variants(base_path, list(runs), train, heldout, "vader", args.samples,
                              {run: name for run, (_, name) in runs.items()})
-    table += "\n\nEach run's own measures (nats per answer to the reference, 16 of its own samples; the end KL of a " \
-             "run not pulled back is not measured):\n\n" + markdown_table(FIT_HEADER, fits)
+    table += ("\n\nEach run's own measures (nats per answer to the reference on its own answers: the start's on 256 "
+              "served answers or 16 fresh ones, the end's on 32 fresh ones ± its standard error; a run not pulled "
+              "back is not measured at its end):\n\n" + markdown_table(FIT_HEADER, fits))
     print(table)
     if args.write:
         machine = (f"{args.threads} torch threads; per seed, {args.votes} votes of simulated users (VADER, noise "

@@ -58,8 +58,11 @@ from rlhf.ppo_math import (
 )
 from rlhf.rollout import RewardFn, Rollouts, ValueHead, forward_answers, generate
 
-# Where a run pulled back past the gate's KL budget aims (ppo.fit_budget): this share of the room its start left,
-# not the budget's edge, since the gate measures on other samples than the run's own measure
+# A run's end is measured on this many fresh batches (PPOConfig.batch_size answers each; 2 x 16 is the gate's 32,
+# EvalConfig.prompts): in bench/budget_fit.py one batch measured 10.5 nats where 204 answers measured 12.5.
+# Pulled back, a run aims at this share of the room its start left, or one standard error inside the budget if
+# that is nearer, not at the budget's edge: the gate measures on other samples (PPOTrainer.fit_budget).
+BUDGET_BATCHES = 2
 BUDGET_AIM = 0.9
 
 
@@ -155,35 +158,41 @@ class PPOTrainer:
         self, start: list[torch.Tensor], start_at_reference: bool, history: list[dict[str, float]],
         prompt_pool: list[Messages], kl_limit: float,
     ) -> dict[str, float]:
-        """A run that trained, measured on a fresh batch of its own samples as the gate measures it (or on the batch
-        its last iteration measured and stopped before), and if it is further than kl_limit from the reference,
-        pulled back along its own step: parameters start + f * (end - start), f aimed at BUDGET_AIM of the room
-        the start left (ppo_math.budget_scale, from the start's distance and the measures so far), then measured
-        again, up to config.budget_trials times; still over, the policy is the start again (f 0). The start's
-        distance is the served iteration's start_kl, or the first fresh batch's own measure. Returns the last
-        measure (ppo/budget_kl: of the policy the run ends with, unless f is 0), f and the measures taken."""
+        """A run that trained, measured on BUDGET_BATCHES fresh batches of its own samples as the gate measures it,
+        and unless that measure plus its standard error is within kl_limit of the reference, pulled back along its
+        own step: parameters start + f * (end - start), f aimed at BUDGET_AIM of the room the start left or at one
+        standard error inside kl_limit, whichever is nearer (ppo_math.budget_scale, from the start's distance and
+        the measures so far), then measured again, up to config.budget_trials times; still over, the policy is the
+        start again (f 0). The start's distance is the served iteration's start_kl, or the first fresh batch's own
+        measure. Returns the last measure and its standard error (ppo/budget_kl, ppo/budget_kl_se: of the policy
+        the run ends with, unless f is 0), f and the measures taken after the first."""
         end = [p.detach().clone() for p in self.params]
-        measured = history[-1]["objective/kl"] if history[-1].get("ppo/over_max_kl") else self.measure_distance(
-            prompt_pool)
         start_kl = 0.0 if start_at_reference else history[0].get("ppo/start_kl", history[0]["objective/kl"])
-        target = start_kl + BUDGET_AIM * (kl_limit - start_kl)
+        measured, se = self.measure_distance(prompt_pool)
         measures = [(1.0, measured)]
         scale, trials = 1.0, 0
-        while measured > kl_limit and scale > 0:
+        while measured + se > kl_limit and scale > 0:
+            target = min(start_kl + BUDGET_AIM * (kl_limit - start_kl), kl_limit - se)
             scale = budget_scale(start_kl, measures, target) if trials < self.config.budget_trials else 0.0
             with torch.no_grad():
                 for p, a, b in zip(self.params, start, end, strict=True):
                     p.copy_(a + scale * (b - a))
             self.at_reference = start_at_reference and scale == 0
             if scale > 0:
-                measured, trials = self.measure_distance(prompt_pool), trials + 1
+                (measured, se), trials = self.measure_distance(prompt_pool), trials + 1
                 measures.append((scale, measured))
-        return {"ppo/budget_kl": measured, "ppo/budget_scale": scale, "ppo/budget_trials": float(trials)}
+        return {"ppo/budget_kl": measured, "ppo/budget_kl_se": se, "ppo/budget_scale": scale,
+                "ppo/budget_trials": float(trials)}
 
-    def measure_distance(self, prompt_pool: list[Messages]) -> float:
-        """The policy's KL to the reference, nats per answer, on a fresh batch of its own samples (the gate's
-        measure), drawn as a fresh iteration draws its prompts."""
-        return sample_distance(self.sample(self.draw_prompts(prompt_pool)))
+    def measure_distance(self, prompt_pool: list[Messages]) -> tuple[float, float]:
+        """The policy's KL to the reference, nats per answer, on BUDGET_BATCHES fresh batches of its own samples
+        (the gate's measure), drawn as a fresh iteration draws its prompts: the mean and its standard error."""
+        kls = []
+        for _ in range(BUDGET_BATCHES):
+            rollouts = self.sample(self.draw_prompts(prompt_pool))
+            kls.append(kl_k1(rollouts.logprobs, rollouts.ref_logprobs, rollouts.batch.response_mask))
+        kl = torch.cat(kls)
+        return kl.mean().item(), (kl.std() / len(kl) ** 0.5).item()
 
     def draw_prompts(self, prompt_pool: list[Messages]) -> list[Messages]:
         """A fresh batch's prompts: batch_size / group_size drawn from the pool, each group_size times."""

@@ -24,16 +24,18 @@ def contrast_run(model_dir, budget_trials: int, kl_limit: float) -> tuple[PPOTra
 
 def test_a_run_past_the_budget_is_pulled_back_along_its_own_step(tiny_model_dir):
     """Without the fit the step ends far past a 2-nat budget; with it the policy is start + f * (end - start) for
-    an f in (0, 1), the same step shortened, and its last measure (the policy it ends with) is within the budget."""
+    an f in (0, 1), the same step shortened, and its last measure (the policy it ends with) is within the budget by
+    its standard error."""
     unfitted, start, stats = contrast_run(tiny_model_dir, budget_trials=0, kl_limit=2.0)
     assert stats["ppo/steps"] == 1 and "ppo/budget_scale" not in stats
-    assert unfitted.measure_distance(PROMPTS) > 2.0 * 2  # the problem: one step went far past the budget
+    kl, se = unfitted.measure_distance(PROMPTS)
+    assert kl - 2 * se > 2.0 * 2  # the problem: one step went far past the budget
     end = [p.detach().clone() for p in unfitted.params]
 
     trainer, fitted_start, stats = contrast_run(tiny_model_dir, budget_trials=3, kl_limit=2.0)
     f = stats["ppo/budget_scale"]
     assert 0 < f < 1 and 1 <= stats["ppo/budget_trials"] <= 3
-    assert stats["ppo/budget_kl"] <= 2.0
+    assert stats["ppo/budget_kl"] + stats["ppo/budget_kl_se"] <= 2.0  # within it, by one standard error
     for p, a, b, a2 in zip(trainer.params, start, end, fitted_start, strict=True):
         torch.testing.assert_close(a2, a)  # both runs started from the same adapter
         torch.testing.assert_close(p.detach(), a + f * (b - a))
@@ -42,7 +44,8 @@ def test_a_run_past_the_budget_is_pulled_back_along_its_own_step(tiny_model_dir)
 
 
 def test_a_run_within_the_budget_keeps_its_step(tiny_model_dir):
-    """A budget far beyond the step: one measure, f 1, the parameters exactly those of a run without the fit."""
+    """A budget far beyond the step: f 1 after the first measure, the parameters exactly those of a run without the
+    fit."""
     unfitted, _, _ = contrast_run(tiny_model_dir, budget_trials=0, kl_limit=1e6)
     trainer, _, stats = contrast_run(tiny_model_dir, budget_trials=3, kl_limit=1e6)
     assert stats["ppo/budget_scale"] == 1.0 and stats["ppo/budget_trials"] == 0.0
