@@ -152,6 +152,8 @@ class PPOTrainer:
                 break
         if kl_limit < float("inf") and self.config.budget_trials and any(h.get("ppo/steps") for h in history):
             history[-1] |= self.fit_budget(start, start_at_reference, history, prompt_pool, kl_limit)
+            if progress is not None:  # the last iteration again, with where the run ends
+                progress(len(history), history[-1])
         return history
 
     def fit_budget(

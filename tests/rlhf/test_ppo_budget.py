@@ -18,7 +18,11 @@ def contrast_run(model_dir, budget_trials: int, kl_limit: float) -> tuple[PPOTra
     trainer = PPOTrainer(base, tokenizer, None, config)
     start = [p.detach().clone() for p in trainer.params]
     torch.manual_seed(0)
-    [stats] = trainer.train(PROMPTS, 1, served=six_comparisons(), kl_limit=kl_limit)
+    reports = []
+    [stats] = trainer.train(PROMPTS, 1, lambda i, s: reports.append((i, dict(s))), six_comparisons(), kl_limit)
+    # the iteration is reported, and again with where the run ends when the fit measured it
+    assert [i for i, _ in reports] == [1] * (1 if budget_trials == 0 else 2) and reports[-1][1] == stats
+    assert "ppo/budget_scale" not in reports[0][1]
     return trainer, start, stats
 
 
