@@ -15,7 +15,6 @@ the gate measures it, on its own answers.
 """
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from bench.loop_eval import compare_variants, markdown_table
 from bench.offline_sweep import training_votes
 from bench.preferences import load_prompts
-from bench.serve import git_label, write_results
+from bench.serve import record_section
 from bench.users import UserConfig
 from rlhf.data import Served
 from rlhf.modeling import load_base
@@ -107,9 +106,8 @@ def main() -> None:
                    f"with the service's settings and the gate's budget ({kl_limit:g} nats) as its limit; "
                    f"{len(heldout)} held-out prompts x {args.samples} answers, VADER compound; the score's ± is its "
                    "standard error, the gain's that of the paired difference.")
-        write_results("A run near the KL budget's edge, pulled back or not (bench/budget_fit.py)", table + "\n",
-                      machine, " ".join(["python -m bench.budget_fit", *sys.argv[1:]]))
-        print(f"written ({git_label()})")
+        record_section("A run near the KL budget's edge, pulled back or not (bench/budget_fit.py)", table, machine,
+                       "bench.budget_fit")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ learning rate is the knob that decides whether a run learns little, learns, or l
 
 import argparse
 import random
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from bench.loop_eval import compare_variants, preference_reward
 from bench.preferences import load_prompts
-from bench.serve import git_label, write_results
+from bench.serve import record_section
 from bench.users import UserConfig, pick, thumb
 from common.models import eos_token_ids
 from common.records import Pair, Thumb
@@ -132,9 +131,8 @@ def main() -> None:
                    f"answers, beta {settings.offline_beta}, batch 8, {settings.offline_epochs} epoch(s), "
                    f"seed {args.seed}; {len(heldout)} held-out prompts x 2 answers, VADER compound; "
                    "± is the standard error of the mean.")
-        write_results("One DPO/KTO run by learning rate (bench/offline_sweep.py)", table + "\n", machine,
-                      " ".join(["python -m bench.offline_sweep", *sys.argv[1:]]))
-        print(f"written ({git_label()})")
+        record_section("One DPO/KTO run by learning rate (bench/offline_sweep.py)", table, machine,
+                       "bench.offline_sweep")
 
 
 if __name__ == "__main__":

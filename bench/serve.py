@@ -203,6 +203,12 @@ def write_results(label: str, table: str, machine: str, command: str) -> None:
     tmp.replace(RESULTS)
 
 
+def record_section(label: str, table: str, machine: str, module: str) -> None:
+    """write_results with the command that ran (`python -m <module>` and this process's arguments), and say so."""
+    write_results(label, table + "\n", machine, " ".join([f"python -m {module}", *sys.argv[1:]]))
+    print(f"written ({git_label()})")
+
+
 def git_label() -> str:
     out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False)
     return f"chatloop {out.stdout.strip() or 'unknown'}"

@@ -13,7 +13,6 @@ all held-out prompts with the same seeds (bench.loop_eval), so each gain is a pa
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from bench.loop_eval import compare_variants
 from bench.offline_sweep import training_votes
 from bench.preferences import load_prompts
-from bench.serve import git_label, write_results
+from bench.serve import record_section
 from bench.users import UserConfig
 from rlhf.data import FeedbackData, Served
 from rlhf.modeling import load_base
@@ -141,9 +140,8 @@ def main() -> None:
                    f"answers, the service's settings otherwise, seed {args.seed}; {len(heldout)} held-out prompts x "
                    f"{args.samples} answers, VADER compound; the score's ± is its standard error, the gain's that "
                    "of the paired difference.")
-        write_results("PPO's served iteration against DPO on the same votes (bench/served_sweep.py)", table + "\n",
-                      machine, " ".join(["python -m bench.served_sweep", *sys.argv[1:]]))
-        print(f"written ({git_label()})")
+        record_section("PPO's served iteration against DPO on the same votes (bench/served_sweep.py)", table, machine,
+                       "bench.served_sweep")
 
 
 if __name__ == "__main__":
