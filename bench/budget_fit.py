@@ -3,7 +3,7 @@ budget: `python -m bench.budget_fit [--votes N] [--seeds ...] [--write]`.
 
 In the learning benchmark, runs from a production policy 10.5-11.8 nats from the reference took one contrast step
 on served answers that moved the policy 10-15 nats further, and the gate refused both candidates for their KL
-(bench/RESULTS.md): one step at lr 1e-3 can cross the whole 12-nat budget. rlhf.ppo.PPOTrainer.fit_budget pulls a
+(bench/RESULTS.md): one step at lr 1e-3 can cross the whole 12-nat budget. rlhf.kl_budget.fit_budget pulls a
 run that ends past the budget back along its own step. Here, per seed: the base answers training prompts, the
 simulated users vote (bench/offline_sweep.py), production is trained from the base on the first half of the
 comparisons with the service's settings (PPO's served iteration, the gate's budget as its limit), and a candidate

@@ -279,7 +279,7 @@ def outcomes(result: dict) -> str:
             reasons = [*(x.get("gate_reasons") or []), *([f"A/B: {x['ab']['reason']}"] if x.get("ab") else []),
                        *([x["error"]] if x.get("error") else [])]
             why += [reason for reason in reasons if reason not in why]
-    # runs that ended past the gate's KL budget and were pulled back along their step (rlhf.ppo fit_budget)
+    # runs that ended past the gate's KL budget and were pulled back along their step (rlhf.kl_budget.fit_budget)
     pulled = [f"{x.get('candidate') or 'one'} to f {p['ppo/budget_scale']:.2f} ({p['ppo/budget_kl']:.1f} nats)"
               for x in result["runs"] if (p := x.get("policy") or {}).get("ppo/budget_scale", 1.0) < 1.0]
     users = result.get("users") or {}

@@ -29,6 +29,7 @@ from common.conversations import Messages, conversation_id
 from common.models import eos_token_ids
 from rlhf.config import PPOConfig
 from rlhf.data import Served
+from rlhf.kl_budget import fit_budget
 from rlhf.modeling import (
     TokenBatch,
     answer_ids,
@@ -41,7 +42,6 @@ from rlhf.modeling import (
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
-    budget_scale,
     compute_rewards,
     entropy_from_logits,
     gae,
@@ -57,13 +57,6 @@ from rlhf.ppo_math import (
     whiten,
 )
 from rlhf.rollout import RewardFn, Rollouts, ValueHead, forward_answers, generate
-
-# A run's end is measured on this many fresh batches (PPOConfig.batch_size answers each; 2 x 16 is the gate's 32,
-# EvalConfig.prompts): in bench/budget_fit.py one batch measured 10.5 nats where 204 answers measured 12.5.
-# Pulled back, a run aims at this share of the room its start left, or one standard error inside the budget if
-# that is nearer, not at the budget's edge: the gate measures on other samples (PPOTrainer.fit_budget).
-BUDGET_BATCHES = 2
-BUDGET_AIM = 0.9
 
 
 @dataclass(frozen=True)
@@ -134,8 +127,8 @@ class PPOTrainer:
         neighbour of it (rlhf.data.FeedbackData.served). They make the first iteration's batch instead of fresh
         samples: free rollouts, often many more than one batch. kl_limit: the most nats per answer a candidate may
         end from the reference (the gate's budget, GateConfig.max_kl); the contrast's stop leaves room for the
-        starting policy's own distance (step_served), and a run that still ends past it is pulled back (fit_budget:
-        the last iteration's stats gain ppo/budget_kl, ppo/budget_scale and ppo/budget_trials)."""
+        starting policy's own distance (step_served), and a run that still ends past it is pulled back
+        (rlhf.kl_budget.fit_budget: the last iteration's stats gain its ppo/budget_* measures)."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
@@ -151,50 +144,10 @@ class PPOTrainer:
             if history[-1].get("ppo/over_max_kl"):
                 break
         if kl_limit < float("inf") and self.config.budget_trials and any(h.get("ppo/steps") for h in history):
-            history[-1] |= self.fit_budget(start, start_at_reference, history, prompt_pool, kl_limit)
+            history[-1] |= fit_budget(self, start, start_at_reference, history, prompt_pool, kl_limit)
             if progress is not None:  # the last iteration again, with where the run ends
                 progress(len(history), history[-1])
         return history
-
-    def fit_budget(
-        self, start: list[torch.Tensor], start_at_reference: bool, history: list[dict[str, float]],
-        prompt_pool: list[Messages], kl_limit: float,
-    ) -> dict[str, float]:
-        """A run that trained, measured on BUDGET_BATCHES fresh batches of its own samples as the gate measures it,
-        and unless that measure plus its standard error is within kl_limit of the reference, pulled back along its
-        own step: parameters start + f * (end - start), f aimed at BUDGET_AIM of the room the start left or at one
-        standard error inside kl_limit, whichever is nearer (ppo_math.budget_scale, from the start's distance and
-        the measures so far), then measured again, up to config.budget_trials times; still over, the policy is the
-        start again (f 0). The start's distance is the served iteration's start_kl, or the first fresh batch's own
-        measure. Returns the last measure and its standard error (ppo/budget_kl, ppo/budget_kl_se: of the policy
-        the run ends with, unless f is 0), f and the measures taken after the first."""
-        end = [p.detach().clone() for p in self.params]
-        start_kl = 0.0 if start_at_reference else history[0].get("ppo/start_kl", history[0]["objective/kl"])
-        measured, se = self.measure_distance(prompt_pool)
-        measures = [(1.0, measured)]
-        scale, trials = 1.0, 0
-        while measured + se > kl_limit and scale > 0:
-            target = min(start_kl + BUDGET_AIM * (kl_limit - start_kl), kl_limit - se)
-            scale = budget_scale(start_kl, measures, target) if trials < self.config.budget_trials else 0.0
-            with torch.no_grad():
-                for p, a, b in zip(self.params, start, end, strict=True):
-                    p.copy_(a + scale * (b - a))
-            self.at_reference = start_at_reference and scale == 0
-            if scale > 0:
-                (measured, se), trials = self.measure_distance(prompt_pool), trials + 1
-                measures.append((scale, measured))
-        return {"ppo/budget_kl": measured, "ppo/budget_kl_se": se, "ppo/budget_scale": scale,
-                "ppo/budget_trials": float(trials)}
-
-    def measure_distance(self, prompt_pool: list[Messages]) -> tuple[float, float]:
-        """The policy's KL to the reference, nats per answer, on BUDGET_BATCHES fresh batches of its own samples
-        (the gate's measure), drawn as a fresh iteration draws its prompts: the mean and its standard error."""
-        kls = []
-        for _ in range(BUDGET_BATCHES):
-            rollouts = self.sample(self.draw_prompts(prompt_pool))
-            kls.append(kl_k1(rollouts.logprobs, rollouts.ref_logprobs, rollouts.batch.response_mask))
-        kl = torch.cat(kls)
-        return kl.mean().item(), (kl.std() / len(kl) ** 0.5).item()
 
     def draw_prompts(self, prompt_pool: list[Messages]) -> list[Messages]:
         """A fresh batch's prompts: batch_size / group_size drawn from the pool, each group_size times."""

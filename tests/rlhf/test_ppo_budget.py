@@ -1,8 +1,9 @@
-"""A PPO run that ends past the gate's KL budget is pulled back along its own step (PPOTrainer.fit_budget), on the
+"""A PPO run that ends past the gate's KL budget is pulled back along its own step (rlhf.kl_budget), on the
 tiny random Llama at temperature 0.1, where one contrast step at lr 5e-2 moves the policy about 13 nats."""
 
 import torch
 
+from rlhf.kl_budget import measure_distance
 from rlhf.modeling import load_base
 from rlhf.pipeline import untrained_reason
 from rlhf.ppo import PPOTrainer
@@ -32,7 +33,7 @@ def test_a_run_past_the_budget_is_pulled_back_along_its_own_step(tiny_model_dir)
     its standard error."""
     unfitted, start, stats = contrast_run(tiny_model_dir, budget_trials=0, kl_limit=2.0)
     assert stats["ppo/steps"] == 1 and "ppo/budget_scale" not in stats
-    kl, se = unfitted.measure_distance(PROMPTS)
+    kl, se = measure_distance(unfitted, PROMPTS)
     assert kl - 2 * se > 2.0 * 2  # the problem: one step went far past the budget
     end = [p.detach().clone() for p in unfitted.params]
 

@@ -1,0 +1,65 @@
+"""Where a PPO run may end: within the gate's KL budget (GateConfig.max_kl), measured as the gate measures it.
+
+The contrast's stop (rlhf.ppo.step_shape) looks before each step, and one step can cross the whole budget: in the
+learning benchmark one contrast step from a policy 10.5 nats out went 15 nats further and the gate refused the
+candidate (bench/RESULTS.md). A run that ends past the budget is pulled back along its own step instead.
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from common.conversations import Messages
+from rlhf.ppo_math import budget_scale, kl_k1
+
+if TYPE_CHECKING:
+    from rlhf.ppo import PPOTrainer
+
+# A run's end is measured on this many fresh batches (PPOConfig.batch_size answers each; 2 x 16 is the gate's 32,
+# EvalConfig.prompts): in bench/budget_fit.py one batch measured 10.5 nats where 204 answers measured 12.5.
+# Pulled back, a run aims at this share of the room its start left, or one standard error inside the budget if
+# that is nearer, not at the budget's edge: the gate measures on other samples.
+BUDGET_BATCHES = 2
+BUDGET_AIM = 0.9
+
+
+def fit_budget(
+    trainer: "PPOTrainer", start: list[torch.Tensor], start_at_reference: bool, history: list[dict[str, float]],
+    prompt_pool: list[Messages], kl_limit: float,
+) -> dict[str, float]:
+    """The trainer's run (its history, from parameters start) measured on BUDGET_BATCHES fresh batches of its own
+    samples as the gate measures it, and unless that measure plus its standard error is within kl_limit of the
+    reference, pulled back along its own step: parameters start + f * (end - start), f aimed at BUDGET_AIM of the
+    room the start left or at one standard error inside kl_limit, whichever is nearer (ppo_math.budget_scale, from
+    the start's distance and the measures so far), then measured again, up to config.budget_trials times; still
+    over, the policy is the start again (f 0). The start's distance is the served iteration's start_kl, or the first
+    fresh batch's own measure. Returns the last measure and its standard error (ppo/budget_kl, ppo/budget_kl_se: of
+    the policy the run ends with, unless f is 0), f and the measures taken after the first."""
+    end = [p.detach().clone() for p in trainer.params]
+    start_kl = 0.0 if start_at_reference else history[0].get("ppo/start_kl", history[0]["objective/kl"])
+    measured, se = measure_distance(trainer, prompt_pool)
+    measures = [(1.0, measured)]
+    scale, trials = 1.0, 0
+    while measured + se > kl_limit and scale > 0:
+        target = min(start_kl + BUDGET_AIM * (kl_limit - start_kl), kl_limit - se)
+        scale = budget_scale(start_kl, measures, target) if trials < trainer.config.budget_trials else 0.0
+        with torch.no_grad():
+            for p, a, b in zip(trainer.params, start, end, strict=True):
+                p.copy_(a + scale * (b - a))
+        trainer.at_reference = start_at_reference and scale == 0
+        if scale > 0:
+            (measured, se), trials = measure_distance(trainer, prompt_pool), trials + 1
+            measures.append((scale, measured))
+    return {"ppo/budget_kl": measured, "ppo/budget_kl_se": se, "ppo/budget_scale": scale,
+            "ppo/budget_trials": float(trials)}
+
+
+def measure_distance(trainer: "PPOTrainer", prompt_pool: list[Messages]) -> tuple[float, float]:
+    """The policy's KL to the reference, nats per answer, on BUDGET_BATCHES fresh batches of its own samples
+    (the gate's measure), drawn as a fresh iteration draws its prompts: the mean and its standard error."""
+    kls = []
+    for _ in range(BUDGET_BATCHES):
+        rollouts = trainer.sample(trainer.draw_prompts(prompt_pool))
+        kls.append(kl_k1(rollouts.logprobs, rollouts.ref_logprobs, rollouts.batch.response_mask))
+    kl = torch.cat(kls)
+    return kl.mean().item(), (kl.std() / len(kl) ** 0.5).item()
