@@ -25,8 +25,9 @@ from bench.loop_eval import compare_variants, markdown_table
 from bench.offline_sweep import training_votes
 from bench.preferences import load_prompts
 from bench.serve import record_section
+from bench.served_sweep import served_answers
 from bench.users import UserConfig
-from rlhf.data import Served
+from rlhf.data import FeedbackData
 from rlhf.modeling import load_base
 from rlhf.ppo import PPOTrainer
 from service.engine.model import resolve_base_model
@@ -37,12 +38,6 @@ PRODUCTION = "production (from the base, first half)"
 UNFITTED = "candidate from production, not pulled back"
 FITTED = "candidate from production (default: pulled back)"
 FIT_HEADER = ["run", "start KL", "steps", "end KL (its own measure)", "f", "measures after the first", "train s"]
-
-
-def comparisons(pairs: list, ended: dict[str, bool], on_policy: bool) -> list[Served]:
-    """Both answers of each comparison as served answers: +1 chosen, -1 rejected."""
-    return [Served(p.prompt, text, ended[text], vote, on_policy)
-            for p in pairs for text, vote in ((p.chosen, 1.0), (p.rejected, -1.0))]
 
 
 def _measure(stats: dict[str, float]) -> str:
@@ -68,8 +63,9 @@ def main() -> None:
         answers, data = training_votes(args.votes, settings, seed)
         ended = {text: stop for _, texts, _, stops in answers for text, stop in zip(texts, stops, strict=True)}
         half = len(data.pairs) // 2
-        votes[seed] = (data.prompts, comparisons(data.pairs[:half], ended, True),
-                       comparisons(data.pairs[half:], ended, False))
+        first = served_answers(FeedbackData(pairs=data.pairs[:half]), ended, thumbs=False)
+        second = served_answers(FeedbackData(pairs=data.pairs[half:]), ended, thumbs=False)
+        votes[seed] = (data.prompts, first, [s._replace(on_policy=False) for s in second])
     runs = {f"seed {seed}: {name}": (seed, name) for seed in args.seeds for name in (PRODUCTION, UNFITTED, FITTED)}
     productions: dict[int, Path] = {}
     fits: list[list[str]] = []

@@ -133,7 +133,9 @@ class PPOTrainer:
         group = self.config.group_size
         if self.config.batch_size % group:
             raise ValueError(f"batch_size {self.config.batch_size} is not a multiple of group_size {group}")
-        start, start_at_reference = [p.detach().clone() for p in self.params], self.at_reference
+        # the parameters the run starts from, for the fit to pull back to (only when it may run)
+        start = [p.detach().clone() for p in self.params] if self.fits_budget(kl_limit) else []
+        start_at_reference = self.at_reference
         for iteration in range(1, iterations + 1):
             if iteration == 1 and served:
                 history.append(self.step_served(served, kl_limit))
@@ -143,11 +145,15 @@ class PPOTrainer:
                 progress(iteration, history[-1])
             if history[-1].get("ppo/over_max_kl"):
                 break
-        if kl_limit < float("inf") and self.config.budget_trials and any(h.get("ppo/steps") for h in history):
+        if self.fits_budget(kl_limit) and any(h.get("ppo/steps") for h in history):
             history[-1] |= fit_budget(self, start, start_at_reference, history, prompt_pool, kl_limit)
             if progress is not None:  # the last iteration again, with where the run ends
                 progress(len(history), history[-1])
         return history
+
+    def fits_budget(self, kl_limit: float) -> bool:
+        """Whether a run that trains is pulled back within kl_limit at its end (rlhf.kl_budget.fit_budget)."""
+        return kl_limit < float("inf") and self.config.budget_trials > 0
 
     def draw_prompts(self, prompt_pool: list[Messages]) -> list[Messages]:
         """A fresh batch's prompts: batch_size / group_size drawn from the pool, each group_size times."""
@@ -198,8 +204,10 @@ class PPOTrainer:
         votes = torch.tensor([s.vote for s in served], device=self.device)
         shape = step_shape(self.config, self.kl_ctl.value, served=True)
         rollouts = self.recompute(prompts, answer_ids, batch)
-        start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served)
-        room = {"ppo/start_kl": start_kl}
+        room = {}
+        if shape.max_kl < float("inf") or self.fits_budget(kl_limit):  # the stop and the fit start from it
+            start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served)
+            room["ppo/start_kl"] = start_kl
         if shape.max_kl < float("inf"):  # the contrast with its stop: the nearer of the two
             shape = replace(shape, max_kl=max(0.0, min(shape.max_kl, kl_limit - start_kl)))
             room["ppo/kl_room"] = shape.max_kl
