@@ -15,11 +15,13 @@ from rlhf.ppo_math import budget_scale, kl_k1
 if TYPE_CHECKING:
     from rlhf.ppo import PPOTrainer
 
-# A run's end is measured on this many fresh batches (PPOConfig.batch_size answers each; 2 x 16 is the gate's 32,
-# EvalConfig.prompts): in bench/budget_fit.py one batch measured 10.5 nats where 204 answers measured 12.5.
+# A run's end is measured as the gate measures it (EvalConfig.prompts, 32): one fresh answer to each of this many
+# distinct prompts. In bench/budget_fit.py one batch of 16 measured 10.5 nats where 204 answers measured 12.5; and
+# 32 answers in PPO's groups (8 prompts x 4) measured 9.5 +- 1.1 where the gate's 32 prompts measured 12.9: a
+# policy's KL differs between prompts, so answers to one prompt are not independent measures of it.
 # Pulled back, a run aims at this share of the room its start left, or one standard error inside the budget if
 # that is nearer, not at the budget's edge: the gate measures on other samples.
-BUDGET_BATCHES = 2
+BUDGET_PROMPTS = 32
 BUDGET_AIM = 0.9
 
 
@@ -27,8 +29,8 @@ def fit_budget(
     trainer: "PPOTrainer", start: list[torch.Tensor], start_at_reference: bool, history: list[dict[str, float]],
     prompt_pool: list[Messages], kl_limit: float,
 ) -> dict[str, float]:
-    """The trainer's run (its history, from parameters start) measured on BUDGET_BATCHES fresh batches of its own
-    samples as the gate measures it, and unless that measure plus its standard error is within kl_limit of the
+    """The trainer's run (its history, from parameters start) measured on fresh samples of its own as the gate
+    measures it (measure_distance), and unless that measure plus its standard error is within kl_limit of the
     reference, pulled back along its own step: parameters start + f * (end - start), f aimed at BUDGET_AIM of the
     room the start left or at one standard error inside kl_limit, whichever is nearer (ppo_math.budget_scale, from
     the start's distance and the measures so far), then measured again, up to config.budget_trials times; still
@@ -55,11 +57,15 @@ def fit_budget(
 
 
 def measure_distance(trainer: "PPOTrainer", prompt_pool: list[Messages]) -> tuple[float, float]:
-    """The policy's KL to the reference, nats per answer, on BUDGET_BATCHES fresh batches of its own samples
-    (the gate's measure), drawn as a fresh iteration draws its prompts: the mean and its standard error."""
+    """The policy's KL to the reference, nats per answer, on one fresh answer of its own to each of BUDGET_PROMPTS
+    prompts drawn from the pool without repeats (the gate's measure; a smaller pool is used whole, then again in
+    another order): the mean and its standard error, batch_size answers a pass."""
+    prompts: list[Messages] = []
+    while len(prompts) < BUDGET_PROMPTS:
+        prompts += trainer.rng.sample(prompt_pool, min(len(prompt_pool), BUDGET_PROMPTS - len(prompts)))
     kls = []
-    for _ in range(BUDGET_BATCHES):
-        rollouts = trainer.sample(trainer.draw_prompts(prompt_pool))
+    for first in range(0, len(prompts), trainer.config.batch_size):
+        rollouts = trainer.sample(prompts[first : first + trainer.config.batch_size])
         kls.append(kl_k1(rollouts.logprobs, rollouts.ref_logprobs, rollouts.batch.response_mask))
     kl = torch.cat(kls)
     return kl.mean().item(), (kl.std() / len(kl) ** 0.5).item()

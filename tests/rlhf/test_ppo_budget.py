@@ -1,6 +1,8 @@
 """A PPO run that ends past the gate's KL budget is pulled back along its own step (rlhf.kl_budget), on the
 tiny random Llama at temperature 0.1, where one contrast step at lr 5e-2 moves the policy about 13 nats."""
 
+from collections import Counter
+
 import torch
 
 from rlhf.kl_budget import measure_distance
@@ -75,3 +77,25 @@ def test_a_start_already_past_the_budget_ends_where_it_started(tiny_model_dir, t
     for p, a in zip(trainer.params, start, strict=True):
         assert torch.equal(p.detach(), a)
     assert "pulled back to its start" in untrained_reason("ppo", history, 5.0)
+
+
+def test_the_end_is_measured_on_one_answer_to_each_of_32_prompts(tiny_model_dir):
+    """As the gate measures (EvalConfig.prompts): 32 answers to 32 distinct prompts, not PPO's groups of one prompt's
+    answers, whose KLs are not independent; a pool of fewer prompts is used whole, each prompt as often as another."""
+    base, tokenizer = load_base(tiny_model_dir)
+    trainer = PPOTrainer(base, tokenizer, None, tiny_config(batch_size=8, group_size=4))
+    asked: list = []
+    sample = trainer.sample
+    trainer.sample = lambda prompts: asked.append(prompts) or sample(prompts)
+    pool = [[{"role": "user", "content": f"Question {i}?"}] for i in range(40)]
+    kl, se = measure_distance(trainer, pool)
+    assert [len(p) for p in asked] == [8] * 4  # batch_size answers a pass
+    texts = [p[0]["content"] for batch in asked for p in batch]
+    assert len(set(texts)) == 32 and set(texts) <= {p[0]["content"] for p in pool}
+    assert kl == 0.0 and se == 0.0  # a fresh adapter is the reference itself
+
+    asked.clear()
+    measure_distance(trainer, PROMPTS)
+    counts = Counter(p[0]["content"] for batch in asked for p in batch)
+    assert sum(counts.values()) == 32 and set(counts) == {p[0]["content"] for p in PROMPTS}
+    assert max(counts.values()) - min(counts.values()) <= 1
