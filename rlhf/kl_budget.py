@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.conversations import Messages
+from rlhf.config import EvalConfig
 from rlhf.ppo_math import budget_scale, kl_k1
 
 if TYPE_CHECKING:
     from rlhf.ppo import PPOTrainer
 
-# A run's end is measured as the gate measures it (EvalConfig.prompts, 32): one fresh answer to each of this many
-# distinct prompts. In bench/budget_fit.py one batch of 16 measured 10.5 nats where 204 answers measured 12.5; and
-# 32 answers in PPO's groups (8 prompts x 4) measured 9.5 +- 1.1 where the gate's 32 prompts measured 12.9: a
-# policy's KL differs between prompts, so answers to one prompt are not independent measures of it.
+# A run's end is measured as the gate measures it: one fresh answer to each of as many distinct prompts as the gate
+# evaluates on (EvalConfig.prompts). In bench/budget_fit.py one batch of 16 measured 10.5 nats where 204 answers
+# measured 12.5; and 32 answers in PPO's groups (8 prompts x 4) measured 9.5 +- 1.1 where the gate's 32 prompts
+# measured 12.9: a policy's KL differs between prompts, so answers to one prompt are not independent measures of it.
 # Pulled back, a run aims at this share of the room its start left, or one standard error inside the budget if
 # that is nearer, not at the budget's edge: the gate measures on other samples.
-BUDGET_PROMPTS = 32
+BUDGET_PROMPTS = EvalConfig.prompts
 BUDGET_AIM = 0.9
 
 
