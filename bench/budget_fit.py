@@ -77,7 +77,8 @@ def main() -> None:
         base, tokenizer = load_base(base_path)
         started = time.monotonic()
         trainer = PPOTrainer(base, tokenizer, None, ppo, None if name == PRODUCTION else productions[seed])
-        [stats] = trainer.train(prompts, 1, served=first if name == PRODUCTION else second, kl_limit=kl_limit)
+        [stats] = trainer.train(prompts, 1, served=first if name == PRODUCTION else second, kl_limit=kl_limit,
+                                budget_prompts=config.eval.prompts)
         seconds = time.monotonic() - started
         trainer.save_adapter(out)
         if name == PRODUCTION:

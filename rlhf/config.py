@@ -140,12 +140,12 @@ class PPOConfig:
     # better than chance: with served answers to train on, a run whose reward model's held-out pair accuracy has a
     # 95 % lower bound at or below this trains on those answers alone (0: always sample fresh too).
     min_reward_accuracy: float = 0.5
-    # A run that ends further from the reference than the gate's budget (GateConfig.max_kl) less one standard
-    # error, measured as the gate measures it (one fresh answer of its own to each of 32 prompts), is pulled back
-    # along its own step (start + f * (end - start), f from ppo_math.budget_scale, aiming inside the budget) and
-    # measured again, up to this many times; still over, it ends where it started. One contrast step from a policy
-    # 10.5 nats out went 15 nats further and the gate refused the candidate (bench/RESULTS.md). 0: never (the gate
-    # refuses what ends past it).
+    # A run that ends further from the reference than the gate's budget (GateConfig.max_kl) less one standard error,
+    # measured as the gate measures it (one fresh answer of its own to each of the gate's EvalConfig.prompts prompts),
+    # is pulled back along its own step (start + f * (end - start), f from ppo_math.budget_scale, aiming inside the
+    # budget) and measured again, up to this many times; still over, it ends where it started. One contrast step from a
+    # policy 10.5 nats out went 15 nats further and the gate refused the candidate (bench/RESULTS.md). 0: never (the
+    # gate refuses what ends past it).
     budget_trials: int = 3
     seed: int = 0
     precision: Precision = "auto"

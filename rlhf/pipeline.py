@@ -105,7 +105,7 @@ def train_policy(
     served = data.served(init_version, ppo.temperature, ppo.served_batch, ppo.served_thumbs) if init_version else []
     iterations = ppo_iterations(ppo, len(served), read_meta(reward_dir)["metadata"].get("metrics", {}))
     report = (lambda i, stats: progress("ppo", i, iterations, stats)) if progress else None
-    history = trainer.train(data.prompts, iterations, report, served, config.gate.max_kl)
+    history = trainer.train(data.prompts, iterations, report, served, config.gate.max_kl, config.eval.prompts)
     trainer.save_adapter(out_dir)
     (out_dir / STATS_FILE).write_text(json.dumps({"config": asdict(ppo), "history": history}, default=str))
     return history

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.conversations import Messages, conversation_id
 from common.models import eos_token_ids
-from rlhf.config import PPOConfig
+from rlhf.config import EvalConfig, PPOConfig
 from rlhf.data import Served
 from rlhf.kl_budget import fit_budget
 from rlhf.modeling import (
@@ -119,7 +119,7 @@ class PPOTrainer:
 
     def train(
         self, prompt_pool: list[Messages], iterations: int, progress: Callable[[int, dict], None] | None = None,
-        served: list[Served] | None = None, kl_limit: float = float("inf"),
+        served: list[Served] | None = None, kl_limit: float = float("inf"), budget_prompts: int = EvalConfig.prompts,
     ) -> list[dict[str, float]]:
         """`iterations` PPO steps on prompts drawn from the pool; progress(iteration, stats) after each.
 
@@ -128,7 +128,8 @@ class PPOTrainer:
         samples: free rollouts, often many more than one batch. kl_limit: the most nats per answer a candidate may
         end from the reference (the gate's budget, GateConfig.max_kl); the contrast's stop leaves room for the
         starting policy's own distance (step_served), and a run that still ends past it is pulled back
-        (rlhf.kl_budget.fit_budget: the last iteration's stats gain its ppo/budget_* measures)."""
+        (rlhf.kl_budget.fit_budget, measured on budget_prompts prompts as the gate measures on EvalConfig.prompts:
+        the last iteration's stats gain its ppo/budget_* measures)."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
@@ -146,7 +147,8 @@ class PPOTrainer:
             if history[-1].get("ppo/over_max_kl"):
                 break
         if self.fits_budget(kl_limit) and any(h.get("ppo/steps") for h in history):
-            history[-1] |= fit_budget(self, start, start_at_reference, history, prompt_pool, kl_limit)
+            history[-1] |= fit_budget(
+                self, start, start_at_reference, history, prompt_pool, kl_limit, budget_prompts)
             if progress is not None:  # the last iteration again, with where the run ends
                 progress(len(history), history[-1])
         return history

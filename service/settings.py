@@ -230,9 +230,9 @@ class Settings(BaseSettings):
     )
     ppo_budget_trials: int = Field(
         PPOConfig.budget_trials, ge=0, description="A PPO run that does not end within the gate's KL budget "
-        "(gate_max_kl) by one standard error, measured on one fresh answer of its own to each of 32 prompts, is "
-        "pulled back along its own step and measured again, up to this many times; still over, it ends where it "
-        "started. 0: never (the gate refuses what ends past it).",
+        "(gate_max_kl) by one standard error, measured on one fresh answer of its own to each of eval_prompts "
+        "prompts, is pulled back along its own step and measured again, up to this many times; still over, it ends "
+        "where it started. 0: never (the gate refuses what ends past it).",
     )
     offline_lr: float = Field(OfflineConfig.lr, gt=0, description="Policy learning rate of DPO/KTO.")
     offline_epochs: int = Field(OfflineConfig.epochs, ge=1, description="DPO/KTO epochs over their window.")

@@ -190,12 +190,14 @@ def test_a_run_trains_on_served_answers_alone_when_its_reward_model_is_not_bette
     config.ppo = replace(CONFIG, iterations=3, batch_size=4, group_size=2, minibatch_size=4, served_batch=8,
                          served_step="contrast", max_kl=6.0)
     config.gate.max_kl = 0.5  # nearer than max_kl: the gate's budget reaches the contrast's stop
+    config.eval.prompts = 5  # the gate's count: the run's end is measured on as many
     seen = []
     history = train_policy(reward_dir, tiny_model_dir, tmp_path / "cand", config, None, served,
                            lambda stage, step, total, stats: seen.append((step, total)), init_version="base")
     assert len(history) == iterations and seen[-1] == (iterations, iterations)
     assert history[0]["ppo/served"] == 8  # the 12 served answers' newest 8
     assert history[0]["ppo/kl_room"] == 0.5 and history[0]["ppo/start_kl"] == 0.0  # a fresh adapter is the base
+    assert history[-1]["ppo/budget_answers"] == 5
 
 
 def test_a_ppo_run_that_took_no_step_has_no_candidate_to_test():

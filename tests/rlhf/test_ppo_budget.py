@@ -79,9 +79,10 @@ def test_a_start_already_past_the_budget_ends_where_it_started(tiny_model_dir, t
     assert "pulled back to its start" in untrained_reason("ppo", history, 5.0)
 
 
-def test_the_end_is_measured_on_one_answer_to_each_of_32_prompts(tiny_model_dir):
-    """As the gate measures (EvalConfig.prompts): 32 answers to 32 distinct prompts, not PPO's groups of one prompt's
-    answers, whose KLs are not independent; a pool of fewer prompts is used whole, each prompt as often as another."""
+def test_the_end_is_measured_on_one_answer_to_each_of_the_gates_prompts(tiny_model_dir):
+    """As the gate measures (EvalConfig.prompts, 32): 32 answers to 32 distinct prompts, not PPO's groups of one
+    prompt's answers, whose KLs are not independent; a pool of fewer prompts is used whole, each prompt as often as
+    another; a gate configured to evaluate on 12 prompts, 12."""
     base, tokenizer = load_base(tiny_model_dir)
     trainer = PPOTrainer(base, tokenizer, None, tiny_config(batch_size=8, group_size=4))
     asked: list = []
@@ -99,3 +100,8 @@ def test_the_end_is_measured_on_one_answer_to_each_of_32_prompts(tiny_model_dir)
     counts = Counter(p[0]["content"] for batch in asked for p in batch)
     assert sum(counts.values()) == 32 and set(counts) == {p[0]["content"] for p in PROMPTS}
     assert max(counts.values()) - min(counts.values()) <= 1
+
+    asked.clear()
+    measure_distance(trainer, pool, 12)
+    assert [len(p) for p in asked] == [8, 4]
+    assert len({p[0]["content"] for batch in asked for p in batch}) == 12
