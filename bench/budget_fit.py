@@ -93,8 +93,9 @@ def main() -> None:
     table = compare_variants(base_path, list(runs), train, heldout, "vader", args.samples,
                              {run: name for run, (_, name) in runs.items()})
     table += ("\n\nEach run's own measures (nats per answer to the reference on its own answers: the start's on 256 "
-              "served answers or 16 fresh ones, the end's on one fresh answer to each of 32 prompts ± its standard "
-              "error; a run not pulled back is not measured at its end):\n\n" + markdown_table(FIT_HEADER, fits))
+              "served answers or one fresh answer to each of 32 served prompts, the end's on one fresh answer to each "
+              "of 32 prompts ± its standard error; a run not pulled back is not measured at its end):\n\n"
+              + markdown_table(FIT_HEADER, fits))
     print(table)
     if args.write:
         machine = (f"{args.threads} torch threads; per seed, {args.votes} votes of simulated users (VADER, noise "

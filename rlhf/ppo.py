@@ -29,7 +29,7 @@ from common.conversations import Messages, conversation_id
 from common.models import eos_token_ids
 from rlhf.config import EvalConfig, PPOConfig
 from rlhf.data import Served
-from rlhf.kl_budget import fit_budget
+from rlhf.kl_budget import fit_budget, measure_distance
 from rlhf.modeling import (
     TokenBatch,
     answer_ids,
@@ -127,9 +127,8 @@ class PPOTrainer:
         neighbour of it (rlhf.data.FeedbackData.served). They make the first iteration's batch instead of fresh
         samples: free rollouts, often many more than one batch. kl_limit: the most nats per answer a candidate may
         end from the reference (the gate's budget, GateConfig.max_kl); the contrast's stop leaves room for the
-        starting policy's own distance (step_served), and a run that still ends past it is pulled back
-        (rlhf.kl_budget.fit_budget, measured on budget_prompts prompts as the gate measures on EvalConfig.prompts:
-        the last iteration's stats gain its ppo/budget_* measures)."""
+        starting policy's own distance (step_served), and a run that still ends past it is pulled back (kl_budget.
+        fit_budget; both measured on budget_prompts prompts, the gate's count; stats gain its ppo/budget_*)."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
@@ -139,7 +138,7 @@ class PPOTrainer:
         start_at_reference = self.at_reference
         for iteration in range(1, iterations + 1):
             if iteration == 1 and served:
-                history.append(self.step_served(served, kl_limit))
+                history.append(self.step_served(served, kl_limit, budget_prompts))
             else:
                 history.append(self.step(self.draw_prompts(prompt_pool)))
             if progress is not None:
@@ -185,7 +184,9 @@ class PPOTrainer:
         stats["time/rollout_s"] += generated - start
         return stats
 
-    def step_served(self, served: list[Served], kl_limit: float = float("inf")) -> dict[str, float]:
+    def step_served(
+        self, served: list[Served], kl_limit: float = float("inf"), budget_prompts: int = EvalConfig.prompts,
+    ) -> dict[str, float]:
         """One PPO iteration on served answers, rewarded by their users' own votes (+1 or -1) rather than by the
         reward model: a vote is the preference itself, a reward model only its estimate. Answers another version
         wrote are trained on as if the starting policy had sampled them (pi_old is the starting policy's own
@@ -193,9 +194,8 @@ class PPOTrainer:
         a contrast (minibatch_size comparisons a step, one pass, stopped at max_kl nats from the starting policy);
         with served_step "clipped", as a fresh iteration steps, taking as many more optimiser steps as it holds
         more answers. The contrast's stop is the nearer of max_kl from the starting policy and what kl_limit leaves
-        once the starting policy's own distance to the reference is spent (start_kl): a run from a production
-        already 7.5 nats out, stopped 6 nats further, ended 13-26 nats out, past the gate (bench/RESULTS.md).
-        A start with no room left takes no step."""
+        once the starting policy's own distance to the reference (start_kl, start_distance on budget_prompts) is
+        spent. A start with no room left takes no step."""
         prompts = [s.prompt for s in served]
         answer_ids = [self.served_ids(s) for s in served]
         batch = build_batch([encode_prompt(self.tokenizer, p)[-self.config.max_prompt_tokens :] for p in prompts],
@@ -208,7 +208,7 @@ class PPOTrainer:
         rollouts = self.recompute(prompts, answer_ids, batch)
         room = {}
         if shape.max_kl < float("inf") or self.fits_budget(kl_limit):  # the stop and the fit start from it
-            start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served)
+            start_kl = 0.0 if self.at_reference else self.start_distance(rollouts, served, budget_prompts)
             room["ppo/start_kl"] = start_kl
         if shape.max_kl < float("inf"):  # the contrast with its stop: the nearer of the two
             shape = replace(shape, max_kl=max(0.0, min(shape.max_kl, kl_limit - start_kl)))
@@ -218,13 +218,14 @@ class PPOTrainer:
         return stats | room | {"time/generate_s": 0.0, "ppo/served": float(len(served)),
                                "ppo/served_on_policy": on_policy}
 
-    def start_distance(self, rollouts: Rollouts, served: list[Served]) -> float:
+    def start_distance(self, rollouts: Rollouts, served: list[Served], prompts: int = EvalConfig.prompts) -> float:
         """The starting policy's KL to the reference, nats per answer, on its own samples (the gate's measure): the
-        served answers it wrote, or a fresh batch when it wrote none (others' answers would make it look nearer)."""
+        served answers it wrote, or when it wrote none (others' answers would make it look nearer) one fresh answer
+        to each of `prompts` served prompts, distinct ones as far as they go (rlhf.kl_budget.measure_distance)."""
         own = own_distance(rollouts, [s.on_policy for s in served])
         if own is not None:
             return own
-        return sample_distance(self.sample(rollouts.prompts[: self.config.batch_size]))
+        return measure_distance(self, list({conversation_id(p): p for p in rollouts.prompts}.values()), prompts)[0]
 
     def served_ids(self, served: Served) -> list[int]:
         """A served answer's tokens as the policy would have emitted them: EOS only if it stopped there."""

@@ -105,3 +105,22 @@ def test_the_end_is_measured_on_one_answer_to_each_of_the_gates_prompts(tiny_mod
     measure_distance(trainer, pool, 12)
     assert [len(p) for p in asked] == [8, 4]
     assert len({p[0]["content"] for batch in asked for p in batch}) == 12
+
+
+def test_a_start_that_wrote_none_of_its_served_answers_is_measured_on_distinct_served_prompts(tiny_model_dir, tmp_path):
+    """Just after a promotion the served answers are other versions': the start's own distance is then measured on
+    one fresh answer to each of the gate's count of served prompts (12 here), distinct ones as far as they go (the
+    6 comparisons' 6 prompts, twice each), not on a batch in the served answers' order (pairs of one prompt)."""
+    base, tokenizer = load_base(tiny_model_dir)
+    adapter_dir = make_adapter(tiny_model_dir, tmp_path / "prod", seed=3)
+    config = tiny_config(batch_size=8, group_size=4, minibatch_size=2, served_step="contrast", max_kl=5.0)
+    trainer = PPOTrainer(base, tokenizer, None, config, init_adapter_dir=adapter_dir)
+    asked: list = []
+    sample = trainer.sample
+    trainer.sample = lambda prompts: asked.append(prompts) or sample(prompts)
+    served = [s._replace(on_policy=False) for s in six_comparisons()]
+    stats = trainer.step_served(served, kl_limit=20.0, budget_prompts=12)
+    assert [len(p) for p in asked] == [8, 4]
+    counts = Counter(p[0]["content"] for batch in asked for p in batch)
+    assert set(counts) == {p[0]["content"] for p in PROMPTS[:6]} and set(counts.values()) == {2}
+    assert stats["ppo/start_kl"] > 0.1  # the adapter really is away from the reference
