@@ -27,7 +27,7 @@ BUDGET_AIM = 0.9
 
 def fit_budget(
     trainer: "PPOTrainer", start: list[torch.Tensor], start_at_reference: bool, history: list[dict[str, float]],
-    prompt_pool: list[Messages], kl_limit: float, prompts: int = EvalConfig.prompts,
+    prompt_pool: list[Messages], kl_limit: float, prompts: int,
 ) -> dict[str, float]:
     """The trainer's run (its history, from parameters start) measured on fresh samples of its own as the gate measures
     it (measure_distance, on `prompts` prompts), and unless that measure plus its standard error is within kl_limit of

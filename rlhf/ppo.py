@@ -127,8 +127,8 @@ class PPOTrainer:
         neighbour of it (rlhf.data.FeedbackData.served). They make the first iteration's batch instead of fresh
         samples: free rollouts, often many more than one batch. kl_limit: the most nats per answer a candidate may
         end from the reference (the gate's budget, GateConfig.max_kl); the contrast's stop leaves room for the
-        starting policy's own distance (step_served), and a run that still ends past it is pulled back (kl_budget.
-        fit_budget; both measured on budget_prompts prompts, the gate's count; stats gain its ppo/budget_*)."""
+        starting policy's own distance (step_served), and a run that still ends past it is pulled back
+        (rlhf.kl_budget.fit_budget; both measured on budget_prompts prompts, the gate's count: ppo/budget_*)."""
         history = []
         group = self.config.group_size
         if self.config.batch_size % group:
@@ -218,7 +218,7 @@ class PPOTrainer:
         return stats | room | {"time/generate_s": 0.0, "ppo/served": float(len(served)),
                                "ppo/served_on_policy": on_policy}
 
-    def start_distance(self, rollouts: Rollouts, served: list[Served], prompts: int = EvalConfig.prompts) -> float:
+    def start_distance(self, rollouts: Rollouts, served: list[Served], prompts: int) -> float:
         """The starting policy's KL to the reference, nats per answer, on its own samples (the gate's measure): the
         served answers it wrote, or when it wrote none (others' answers would make it look nearer) one fresh answer
         to each of `prompts` served prompts, distinct ones as far as they go (rlhf.kl_budget.measure_distance)."""

@@ -79,15 +79,21 @@ def test_a_start_already_past_the_budget_ends_where_it_started(tiny_model_dir, t
     assert "pulled back to its start" in untrained_reason("ppo", history, 5.0)
 
 
+def record_samples(trainer: PPOTrainer) -> list:
+    """The prompts of each trainer.sample call from now on, in order."""
+    asked: list = []
+    sample = trainer.sample
+    trainer.sample = lambda prompts: asked.append(prompts) or sample(prompts)
+    return asked
+
+
 def test_the_end_is_measured_on_one_answer_to_each_of_the_gates_prompts(tiny_model_dir):
     """As the gate measures (EvalConfig.prompts, 32): 32 answers to 32 distinct prompts, not PPO's groups of one
     prompt's answers, whose KLs are not independent; a pool of fewer prompts is used whole, each prompt as often as
     another; a gate configured to evaluate on 12 prompts, 12."""
     base, tokenizer = load_base(tiny_model_dir)
     trainer = PPOTrainer(base, tokenizer, None, tiny_config(batch_size=8, group_size=4))
-    asked: list = []
-    sample = trainer.sample
-    trainer.sample = lambda prompts: asked.append(prompts) or sample(prompts)
+    asked = record_samples(trainer)
     pool = [[{"role": "user", "content": f"Question {i}?"}] for i in range(40)]
     kl, se = measure_distance(trainer, pool)
     assert [len(p) for p in asked] == [8] * 4  # batch_size answers a pass
@@ -115,9 +121,7 @@ def test_a_start_that_wrote_none_of_its_served_answers_is_measured_on_distinct_s
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "prod", seed=3)
     config = tiny_config(batch_size=8, group_size=4, minibatch_size=2, served_step="contrast", max_kl=5.0)
     trainer = PPOTrainer(base, tokenizer, None, config, init_adapter_dir=adapter_dir)
-    asked: list = []
-    sample = trainer.sample
-    trainer.sample = lambda prompts: asked.append(prompts) or sample(prompts)
+    asked = record_samples(trainer)
     served = [s._replace(on_policy=False) for s in six_comparisons()]
     stats = trainer.step_served(served, kl_limit=20.0, budget_prompts=12)
     assert [len(p) for p in asked] == [8, 4]
