@@ -69,7 +69,8 @@ class FeedbackData:
         return [*others, *own]
 
 
-def unique_prompts(items: list[Pair | Thumb]) -> list[Messages]:
+def unique_prompts(items: list[Pair | Thumb] | list[Served]) -> list[Messages]:
+    """Each conversation once, in a fixed order (by its id)."""
     seen: dict[str, Messages] = {}
     for item in items:
         seen.setdefault(conversation_id(item.prompt), item.prompt)

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.conversations import Messages, conversation_id
 from common.models import eos_token_ids
 from rlhf.config import EvalConfig, PPOConfig
-from rlhf.data import Served
+from rlhf.data import Served, unique_prompts
 from rlhf.kl_budget import fit_budget, measure_distance
 from rlhf.modeling import (
     TokenBatch,
@@ -225,7 +225,7 @@ class PPOTrainer:
         own = own_distance(rollouts, [s.on_policy for s in served])
         if own is not None:
             return own
-        return measure_distance(self, list({conversation_id(p): p for p in rollouts.prompts}.values()), prompts)[0]
+        return measure_distance(self, unique_prompts(served), prompts)[0]
 
     def served_ids(self, served: Served) -> list[int]:
         """A served answer's tokens as the policy would have emitted them: EOS only if it stopped there."""
