@@ -29,6 +29,7 @@ KL_BUDGET = 12.0  # nats
 MIN_LENGTH_RATIO = 0.5  # below this share of the base's length, the answers collapsed
 RM_ACCURACY, RM_LOW, RM_VOTES = 0.75, 0.70, 1500
 CAPTURE = 0.60  # best-of-4 by the reward model over best-of-4 by the preference
+PACE_RATIO = 2.0  # two sets of runs whose mean machine paces are further apart than this do not compare
 
 
 def _minute(t: float | None) -> str:
@@ -179,14 +180,31 @@ def concise_targets(runs: list[dict]) -> list[Target]:
     ]
 
 
-def versus_target(summaries: dict[tuple[str, str], SeedSummary], other: str) -> Target:
+def paces(runs: list[dict]) -> list[float]:
+    """The machine pace (feature_seconds) of each run that measured one."""
+    return [p for r in runs if (p := feature_seconds(r)) is not None]
+
+
+def _pace(values: list[float]) -> str:
+    low, high = (f"{x:.2f}" for x in (min(values), max(values))) if values else ("–", "–")
+    return low if low == high else f"{low}-{high}"
+
+
+def versus_target(by_group: dict[tuple[str, str], list[dict]], other: str) -> Target:
+    """PPO's mean final gain on vader users against another algorithm's, with the machine pace of each side: the
+    budget is wall-clock, so where the two sides' mean paces are more than PACE_RATIO apart the status says so."""
     name = f"PPO ≥ {other.upper()} on vader users (mean final gain)"
-    ppo, rival = summaries.get(("ppo", "vader")), summaries.get((other, "vader"))
-    if ppo is None or rival is None:
-        missing = [n for n, s in (("ppo", ppo), (other, rival)) if s is None]
+    ppo_runs, rival_runs = by_group.get(("ppo", "vader"), []), by_group.get((other, "vader"), [])
+    if not ppo_runs or not rival_runs:
+        missing = [n for n, runs in (("ppo", ppo_runs), (other, rival_runs)) if not runs]
         return Target(name, "–", f"not run ({', '.join(f'{m}-vader' for m in missing)})")
-    return Target(name, f"PPO {ppo.gain:+.3f} vs {other.upper()} {rival.gain:+.3f}",
-                  _verdict(ppo.gain >= rival.gain, f"{rival.gain - ppo.gain:.3f} short"))
+    ppo, rival = fmean(final(r).gain for r in ppo_runs), fmean(final(r).gain for r in rival_runs)
+    ours, theirs = paces(ppo_runs), paces(rival_runs)
+    status = _verdict(ppo >= rival, f"{rival - ppo:.3f} short")
+    if ours and theirs and max(fmean(ours), fmean(theirs)) / min(fmean(ours), fmean(theirs)) > PACE_RATIO:
+        status += f", but on machines more than {PACE_RATIO:g}× apart in pace: not one comparison"
+    return Target(name, f"PPO {ppo:+.3f} vs {other.upper()} {rival:+.3f} (machine pace, RM features s an answer: "
+                        f"{_pace(ours)} vs {_pace(theirs)})", status)
 
 
 def reward_accuracy_target(results: list[dict]) -> Target:
@@ -245,12 +263,11 @@ def regression_target(results: list[dict]) -> Target:
 
 def targets(results: list[dict]) -> list[Target]:
     by_group = groups(results)
-    summaries = {(s.algorithm, s.preference): s for s in seed_summaries(results)}
     return [
         *ppo_vader_targets(by_group.get(("ppo", "vader"), [])),
         *concise_targets(by_group.get(("ppo", "concise"), [])),
-        versus_target(summaries, "dpo"),
-        versus_target(summaries, "kto"),
+        versus_target(by_group, "dpo"),
+        versus_target(by_group, "kto"),
         reward_accuracy_target(results),
         capture_target(results),
         regression_target(results),

@@ -24,6 +24,7 @@ from bench.loop_report import (
     target_table,
     targets,
     version_table,
+    versus_target,
 )
 from bench.loop_results import final, groups, load_results, seed_summaries
 from rlhf.config import EvalConfig
@@ -214,11 +215,32 @@ def test_targets_met_missed_and_not_run():
         "+0.500 ± 0.400", "missed: 0.300 short of 2 SE above the base |"]
     assert find("PPO, concise users: EOS") == ["+0.25", "met |"]
     assert find("PPO ≥ DPO") == ["–", "not run (dpo-vader) |"]
-    assert find("PPO ≥ KTO") == ["PPO +0.325 vs KTO +0.000", "met |"]
+    # ppo-vader-s0's pace: (30 + 45) s over (200 - 0) + (500 - 200) answers = 0.15; s1 and kto measured none
+    assert find("PPO ≥ KTO") == [
+        "PPO +0.325 vs KTO +0.000 (machine pace, RM features s an answer: 0.15 vs –)", "met |"]
     # the best RM at <= 1,500 votes across vader runs: a3 (b1's lower bound 0.69 misses, a4 has too many votes)
     assert find("Reward model") == ["0.78 [0.72, 0.84] at 1,400 votes (ppo-vader-s0, run a3)", "met |"]
     assert find("Best-of-4") == ["65 % (ppo-vader-s0 80 %, ppo-vader-s1 50 %)", "met |"]
     assert find("0 promoted regressions") == ["1 in 4 run(s)", "missed: 1 promoted regression(s) |"]
+
+
+def test_a_comparison_across_machines_of_another_pace_says_so():
+    """The budget is wall-clock: a rival measured on a machine more than twice as slow does not compare."""
+    def paced(result: dict, seconds: float) -> dict:  # one reward stage: seconds over 100 answers
+        record = run_record("p", "rejected", None, reward_metrics={"reward/answers": 100, "reward/feature_seconds":
+                                                                   seconds})
+        return result | {"runs": [record]}
+
+    slow_dpo = paced(make_result("dpo", "vader", 0, []), 45.0)  # 0.45 s an answer
+    ppo = [paced(ppo_seed0(), 7.0), paced(ppo_seed1(), 18.0)]  # 0.07 and 0.18: a mean pace of 0.125
+    far = versus_target(groups([*ppo, slow_dpo]), "dpo")
+    assert far.measured == "PPO +0.325 vs DPO +0.000 (machine pace, RM features s an answer: 0.07-0.18 vs 0.45)"
+    assert far.status == "met, but on machines more than 2× apart in pace: not one comparison"  # 0.45 / 0.125
+    near = versus_target(groups([*ppo, paced(make_result("dpo", "vader", 0, []), 24.0)]), "dpo")  # 0.24 / 0.125
+    assert near.status == "met"
+    # the mean paces decide, not the nearest runs: 0.30 is within 2x of seed 1's 0.18, not of the mean 0.125
+    between = versus_target(groups([*ppo, paced(make_result("dpo", "vader", 0, []), 30.0)]), "dpo")
+    assert between.status.startswith("met, but on machines more than 2× apart")
 
 
 def test_the_gain_target_names_how_many_seeds_it_averages():
