@@ -186,25 +186,29 @@ def paces(runs: list[dict]) -> list[float]:
 
 
 def _pace(values: list[float]) -> str:
-    low, high = (f"{x:.2f}" for x in (min(values), max(values))) if values else ("–", "–")
+    if not values:
+        return "–"
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
     return low if low == high else f"{low}-{high}"
 
 
-def versus_target(by_group: dict[tuple[str, str], list[dict]], other: str) -> Target:
-    """PPO's mean final gain on vader users against another algorithm's, with the machine pace of each side: the
-    budget is wall-clock, so where the two sides' mean paces are more than PACE_RATIO apart the status says so."""
+def versus_target(summaries: dict[tuple[str, str], SeedSummary], by_group: dict[tuple[str, str], list[dict]],
+                  other: str) -> Target:
+    """PPO's mean final gain on vader users against another algorithm's, with the machine pace of each side's runs:
+    the budget is wall-clock, so where the two sides' mean paces are more than PACE_RATIO apart the status says so."""
     name = f"PPO ≥ {other.upper()} on vader users (mean final gain)"
-    ppo_runs, rival_runs = by_group.get(("ppo", "vader"), []), by_group.get((other, "vader"), [])
-    if not ppo_runs or not rival_runs:
-        missing = [n for n, runs in (("ppo", ppo_runs), (other, rival_runs)) if not runs]
+    ppo, rival = summaries.get(("ppo", "vader")), summaries.get((other, "vader"))
+    if ppo is None or rival is None:
+        missing = [n for n, s in (("ppo", ppo), (other, rival)) if s is None]
         return Target(name, "–", f"not run ({', '.join(f'{m}-vader' for m in missing)})")
-    ppo, rival = fmean(final(r).gain for r in ppo_runs), fmean(final(r).gain for r in rival_runs)
-    ours, theirs = paces(ppo_runs), paces(rival_runs)
-    status = _verdict(ppo >= rival, f"{rival - ppo:.3f} short")
-    if ours and theirs and max(fmean(ours), fmean(theirs)) / min(fmean(ours), fmean(theirs)) > PACE_RATIO:
-        status += f", but on machines more than {PACE_RATIO:g}× apart in pace: not one comparison"
-    return Target(name, f"PPO {ppo:+.3f} vs {other.upper()} {rival:+.3f} (machine pace, RM features s an answer: "
-                        f"{_pace(ours)} vs {_pace(theirs)})", status)
+    ours, theirs = paces(by_group[("ppo", "vader")]), paces(by_group[(other, "vader")])
+    status = _verdict(ppo.gain >= rival.gain, f"{rival.gain - ppo.gain:.3f} short")
+    if ours and theirs:
+        slow, fast = sorted((fmean(ours), fmean(theirs)), reverse=True)
+        if slow / fast > PACE_RATIO:
+            status += f", but on machines more than {PACE_RATIO:g}× apart in pace: not one comparison"
+    return Target(name, f"PPO {ppo.gain:+.3f} vs {other.upper()} {rival.gain:+.3f} (machine pace, RM features s an "
+                        f"answer: {_pace(ours)} vs {_pace(theirs)})", status)
 
 
 def reward_accuracy_target(results: list[dict]) -> Target:
@@ -263,11 +267,12 @@ def regression_target(results: list[dict]) -> Target:
 
 def targets(results: list[dict]) -> list[Target]:
     by_group = groups(results)
+    summaries = {(s.algorithm, s.preference): s for s in seed_summaries(results)}
     return [
         *ppo_vader_targets(by_group.get(("ppo", "vader"), [])),
         *concise_targets(by_group.get(("ppo", "concise"), [])),
-        versus_target(by_group, "dpo"),
-        versus_target(by_group, "kto"),
+        versus_target(summaries, by_group, "dpo"),
+        versus_target(summaries, by_group, "kto"),
         reward_accuracy_target(results),
         capture_target(results),
         regression_target(results),

@@ -15,6 +15,7 @@ from bench.loop_report import (
     RM_ACCURACY,
     RM_VOTES,
     TARGET_GAIN,
+    Target,
     ppo_vader_targets,
     report,
     reward_accuracy_target,
@@ -233,13 +234,16 @@ def test_a_comparison_across_machines_of_another_pace_says_so():
 
     slow_dpo = paced(make_result("dpo", "vader", 0, []), 45.0)  # 0.45 s an answer
     ppo = [paced(ppo_seed0(), 7.0), paced(ppo_seed1(), 18.0)]  # 0.07 and 0.18: a mean pace of 0.125
-    far = versus_target(groups([*ppo, slow_dpo]), "dpo")
+    def versus(results: list[dict]) -> Target:
+        return versus_target({(x.algorithm, x.preference): x for x in seed_summaries(results)}, groups(results), "dpo")
+
+    far = versus([*ppo, slow_dpo])
     assert far.measured == "PPO +0.325 vs DPO +0.000 (machine pace, RM features s an answer: 0.07-0.18 vs 0.45)"
     assert far.status == "met, but on machines more than 2× apart in pace: not one comparison"  # 0.45 / 0.125
-    near = versus_target(groups([*ppo, paced(make_result("dpo", "vader", 0, []), 24.0)]), "dpo")  # 0.24 / 0.125
+    near = versus([*ppo, paced(make_result("dpo", "vader", 0, []), 24.0)])  # 0.24 / 0.125
     assert near.status == "met"
     # the mean paces decide, not the nearest runs: 0.30 is within 2x of seed 1's 0.18, not of the mean 0.125
-    between = versus_target(groups([*ppo, paced(make_result("dpo", "vader", 0, []), 30.0)]), "dpo")
+    between = versus([*ppo, paced(make_result("dpo", "vader", 0, []), 30.0)])
     assert between.status.startswith("met, but on machines more than 2× apart")
 
 
