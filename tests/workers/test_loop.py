@@ -161,9 +161,11 @@ def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(e
         with process("worker", env, tmp_path / "worker1.log") as worker:
             first = httpx.post(f"{url}/admin/train", headers=headers).json()["run_id"]
             assert httpx.post(f"{url}/admin/train", headers=headers).status_code == 409  # one run at a time
-            deadline = time.monotonic() + 120
-            while httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json().get("stage") != "policy":
-                assert time.monotonic() < deadline
+            # The worker's start and the reward stage: as long as wait_run allows a whole run on a slow machine.
+            deadline = time.monotonic() + 240
+            while (run := httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json()).get("stage") != "policy":
+                assert run.get("status") not in FINISHED, run  # it ended before the stage it should be killed in
+                assert time.monotonic() < deadline, (run, (tmp_path / "worker1.log").read_text()[-2000:])
                 time.sleep(0.1)
             os.killpg(worker.pid, signal.SIGKILL)  # mid-pipeline, no chance to clean up
         assert production(redis_url) == "base"
