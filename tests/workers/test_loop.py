@@ -77,14 +77,16 @@ def production(redis_url: str) -> str:
     return asyncio.run(read())
 
 
-def wait_run(url: str, key: str, run_id: str, until: set[str], timeout_s: float = 240) -> dict:
+def wait_run(url: str, key: str, run_id: str, until: set[str], timeout_s: float = 240, stage: str | None = None,
+             poll_s: float = 0.5) -> dict:
+    """The run once its status is in `until`, or once it is in `stage` where one is named."""
     deadline = time.monotonic() + timeout_s
     while True:
         run = httpx.get(f"{url}/admin/tasks/{run_id}", headers={"Authorization": f"Bearer {key}"}).json()
-        if run.get("status") in until:
+        if run.get("status") in until or (stage is not None and run.get("stage") == stage):
             return run
         assert time.monotonic() < deadline, run
-        time.sleep(0.5)
+        time.sleep(poll_s)
 
 
 def runs(url: str, key: str) -> list[dict]:
@@ -156,24 +158,22 @@ def test_a_killed_worker_leaves_production_unchanged_and_the_next_run_succeeds(e
     lock_ttl_s = 12  # a heartbeat keeps a live stage's lock; this is how long a dead one's lingers
     env = env | ACCEPT_ALL | {"CHATLOOP_PIPELINE_LOCK_TTL_S": str(lock_ttl_s)}
     with running_server(env, tmp_path / "api.log") as url:
-        headers = {"Authorization": f"Bearer {admin_key(redis_url)}"}
+        key = admin_key(redis_url)
+        headers = {"Authorization": f"Bearer {key}"}
         give_feedback(url)
         with process("worker", env, tmp_path / "worker1.log") as worker:
             first = httpx.post(f"{url}/admin/train", headers=headers).json()["run_id"]
             assert httpx.post(f"{url}/admin/train", headers=headers).status_code == 409  # one run at a time
-            # The worker's start and the reward stage: as long as wait_run allows a whole run on a slow machine.
-            deadline = time.monotonic() + 240
-            while (run := httpx.get(f"{url}/admin/tasks/{first}", headers=headers).json()).get("stage") != "policy":
-                assert run.get("status") not in FINISHED, run  # it ended before the stage it should be killed in
-                assert time.monotonic() < deadline, (run, (tmp_path / "worker1.log").read_text()[-2000:])
-                time.sleep(0.1)
+            # The worker's start and the reward stage get as long as a whole run (slow CI machines need it).
+            run = wait_run(url, key, first, FINISHED, stage="policy", poll_s=0.1)
+            assert run["status"] not in FINISHED, run  # it ended before the stage it should be killed in
             os.killpg(worker.pid, signal.SIGKILL)  # mid-pipeline, no chance to clean up
         assert production(redis_url) == "base"
         time.sleep(lock_ttl_s + 1)  # the dead run's lock lapses
         with process("worker", env, tmp_path / "worker2.log"):
             response = httpx.post(f"{url}/admin/train", headers=headers)
             assert response.status_code == 202, response.text
-            second = wait_run(url, headers["Authorization"][7:], response.json()["run_id"], FINISHED)
+            second = wait_run(url, key, response.json()["run_id"], FINISHED)
             assert second["status"] == "promoted"
             # The killed run's finished reward stage left its features in this worker's cache.
             assert second["reward_metrics"]["reward/cached_answers"] > 0
